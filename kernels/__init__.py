@@ -1,0 +1,1 @@
+"""Fused Triton kernels for inference (installed as ``fastad.kernels``)."""
