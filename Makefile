@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+STAMP  := $(VENV)/.fastad-installed
+
+.PHONY: install demo test test-slow bottle clean
+
+install: $(STAMP)
+
+# uv resolves from PyPI directly, which skips the machine's local CPU-only torch wheel that breaks
+# PyPI's torchvision (see requirements.txt).
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(UV) pip install -q --python $(PY) -r requirements.txt
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	$(PY) -c "import torch, torchvision, timm; print('fastad install ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/fastad demo --out demo_out
+
+test: install
+	$(PY) -m pytest -q tests
+
+# Long real-data runs (MVTec bottle), not part of `make test`.
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
