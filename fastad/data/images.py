@@ -1,0 +1,297 @@
+"""Reading images and masks, and turning them into model-ready tensors.
+
+Every image becomes an 8-bit RGB `PIL.Image.Image`, whatever its file stores:
+
+- grayscale (`1`, `L`), palette (`P`), CMYK, YCbCr, LAB, HSV: converted by PIL.
+- alpha (`RGBA`, `LA`, `PA`, ...): the alpha channel is DROPPED; colour values are kept as stored,
+  not composited onto a background (industrial images rarely use alpha for anything).
+- more than 8 bits (`I;16*`, `I`, `F`, 16-bit RGB TIFF): rescaled, never clipped. Integers are divided
+  by 2**d - 1 where d is the smallest of 8, 10, 12, 14, 16, ... bits that holds the image's maximum,
+  so 12-bit camera data in a 16-bit file keeps its brightness and full-range 16-bit data maps
+  65535 -> 255. Floats in [0, 1] are multiplied by 255; larger floats use the same rule. Negative
+  values become 0.
+- TIFF that PIL cannot read (float RGB, many samples, ...) is read with `tifffile`.
+
+A missing, empty, corrupt or truncated file raises `FastADError("cannot read image FILE: reason")`.
+Truncated files are caught because the whole image is decoded (`img.load()`); this module never sets
+PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`.
+
+Preprocessing follows the FOD authors: `Resize((resize, resize))` (bilinear, antialiased) then
+`CenterCrop(crop)`, as torchvision does on PIL images; masks use nearest-neighbour. Tensors are
+float32 in [0, 1]; mean/std normalisation happens inside the model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import numpy as np
+import torch
+from PIL import Image
+
+from fastad.errors import FastADError
+
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_FLOAT_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Rescale any numeric array to uint8 (see the module docstring for the rule)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.clip(arr, 0.0, None)
+        peak = float(arr.max()) if arr.size else 0.0
+        if peak <= 1.0:
+            return np.round(arr * 255.0).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.integer):
+        arr = np.clip(arr.astype(np.float64), 0.0, None)
+        peak = float(arr.max()) if arr.size else 0.0
+    else:
+        raise ValueError(f"unsupported pixel type {arr.dtype}")
+    depth = 8
+    while peak > 2.0**depth - 1:
+        depth += 2
+    return np.round(np.clip(arr * (255.0 / (2.0**depth - 1)), 0, 255)).astype(np.uint8)
+
+
+def _array_to_rgb(arr: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, C) or (C, H, W) array of any numeric type -> RGB PIL image."""
+    arr = np.asarray(arr)
+    while arr.ndim > 3 and arr.shape[0] == 1:  # leading singleton pages/frames
+        arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] > 4 and arr.shape[0] <= 4:  # planar (C, H, W)
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    elif arr.ndim == 3 and arr.shape[-1] == 2:  # gray + alpha
+        arr = np.stack([arr[..., 0]] * 3, axis=-1)
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = arr[..., :3]
+    else:
+        raise ValueError(f"unsupported image array shape {tuple(arr.shape)}")
+    return Image.fromarray(np.ascontiguousarray(_array_to_uint8(arr)), mode="RGB")
+
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (alpha dropped, high bit depths rescaled)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _array_to_rgb(np.array(img))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # RGBA/RGBa drop alpha; 1, L, CMYK, YCbCr, LAB, HSV convert
+
+
+def _tiff_has_deep_samples(img: Image.Image) -> bool:
+    """True for a TIFF whose samples have more than 8 bits but that PIL decoded as 8-bit RGB(A)."""
+    tags = getattr(img, "tag_v2", None)
+    if tags is None or img.mode not in ("RGB", "RGBA"):
+        return False
+    bits = tags.get(258, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(bits) > 8
+
+
+def _read_tiff(path: Path) -> Image.Image:
+    import tifffile
+
+    return _array_to_rgb(tifffile.imread(str(path)))
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _open_checked(path: str | os.PathLike, kind: str = "image") -> Path:
+    """Check that `path` is a non-empty file; return it as a Path."""
+    path = Path(path)
+    if not path.exists():
+        raise FastADError(f"cannot read {kind} {path}: file does not exist")
+    if path.is_dir():
+        raise FastADError(f"cannot read {kind} {path}: it is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise FastADError(f"cannot read {kind} {path}: file is empty")
+    return path
+
+
+def _reason(err: Exception) -> str:
+    """An exception as one line of text."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file fully and return it as 8-bit RGB (H, W, 3). Raises FastADError."""
+    path = _open_checked(path)
+    is_tiff = path.suffix.lower() in _TIFF_SUFFIXES
+    try:
+        with Image.open(path) as img:
+            if is_tiff and _tiff_has_deep_samples(img):
+                return _read_tiff(path)
+            img.load()  # full decode: truncated or corrupt data fail here
+            return _pil_to_rgb(img).copy()
+    except FastADError:
+        raise
+    except Exception as pil_err:  # any decoder failure means the file is unreadable
+        if is_tiff or _looks_like_tiff(path):
+            try:
+                return _read_tiff(path)
+            except Exception:
+                pass
+        raise FastADError(f"cannot read image {path}: {_reason(pil_err)}") from None
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a mask file as bool (H, W): nonzero = anomalous. Any mode (gray, RGB, 16-bit, palette)."""
+    path = _open_checked(path, "mask")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P":
+                img = img.convert("RGBA")
+            arr = np.array(img)
+    except Exception as pil_err:
+        if path.suffix.lower() not in _TIFF_SUFFIXES:
+            raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
+        try:
+            import tifffile
+
+            arr = np.squeeze(tifffile.imread(str(path)))
+        except Exception:
+            raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
+    if arr.ndim == 3:
+        channels = arr.shape[-1]
+        if channels in (2, 4):  # drop alpha
+            arr = arr[..., : channels - 1]
+        arr = arr.any(axis=-1) if arr.dtype == np.bool_ else (arr != 0).any(axis=-1)
+    if arr.ndim != 2:
+        raise FastADError(f"cannot read mask {path}: unsupported mask shape {tuple(arr.shape)}")
+    return arr != 0
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def _check_sizes(resize: int, crop: int) -> None:
+    if int(resize) < 1 or int(crop) < 1 or int(crop) > int(resize):
+        raise FastADError(f"invalid preprocessing sizes resize={resize}, crop={crop}: need 1 <= crop <= resize")
+
+
+def _resize_crop(img: Image.Image, resize: int, crop: int, resample: int) -> Image.Image:
+    """torchvision `Resize((resize, resize))` + `CenterCrop(crop)` on a PIL image."""
+    _check_sizes(resize, crop)
+    img = img.resize((int(resize), int(resize)), resample)
+    top = int(round((resize - crop) / 2.0))
+    left = int(round((resize - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, crop, crop) in [0, 1] (bilinear antialiased resize, centre crop)."""
+    img = _resize_crop(_pil_to_rgb(img), resize, crop, Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def mask_to_tensor(mask: np.ndarray | Image.Image, resize: int = 256, crop: int = 256) -> torch.Tensor:
+    """bool/numeric (H, W) mask or PIL mask -> float32 (1, crop, crop) in {0, 1} (nearest resize)."""
+    if isinstance(mask, Image.Image):
+        mask = np.array(mask.convert("L"))
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = (mask != 0).any(axis=-1)
+    img = Image.fromarray((mask != 0).astype(np.uint8) * 255, mode="L")
+    img = _resize_crop(img, resize, crop, Image.NEAREST)
+    return torch.from_numpy(np.asarray(img) > 0).float().unsqueeze(0)
+
+
+def _float_batch(x: torch.Tensor, crop: int, what: str) -> torch.Tensor:
+    """Validate a float (B, 3, crop, crop) or (3, crop, crop) batch in [0, 1]; return (B, 3, crop, crop)."""
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != crop or x.shape[3] != crop:
+        raise FastADError(
+            f"{what} has shape {tuple(x.shape)}: float input must be (B, 3, {crop}, {crop}) "
+            "already resized and cropped (pass uint8 H x W x 3 arrays, PIL images or paths to be resized)"
+        )
+    if x.shape[0] == 0:
+        raise FastADError(f"{what} is an empty batch")
+    x = x.to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise FastADError(f"{what} contains NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
+        raise FastADError(
+            f"{what} has values in [{lo:.4g}, {hi:.4g}]: float input must be in [0, 1] "
+            "(not mean/std normalised, not 0..255)"
+        )
+    return x.clamp(0.0, 1.0)
+
+
+def _one_image(item, resize: int, crop: int, what: str) -> torch.Tensor:
+    """One path / PIL image / uint8 array / float (3, crop, crop) -> (1, 3, crop, crop)."""
+    if isinstance(item, (str, os.PathLike)):
+        return image_to_tensor(load_image(item), resize, crop).unsqueeze(0)
+    if isinstance(item, Image.Image):
+        return image_to_tensor(item, resize, crop).unsqueeze(0)
+    if isinstance(item, torch.Tensor):
+        if not item.is_floating_point():
+            raise FastADError(
+                f"{what} is a {item.dtype} tensor: tensors must be float in [0, 1] shaped (B, 3, {crop}, {crop}); "
+                "pass uint8 images as numpy H x W x 3 arrays"
+            )
+        return _float_batch(item.detach().cpu(), crop, what)
+    if isinstance(item, np.ndarray):
+        if item.dtype == np.uint8:
+            if item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4)):
+                if 0 in item.shape:
+                    raise FastADError(f"{what} is an empty array of shape {item.shape}")
+                return image_to_tensor(_array_to_rgb(item), resize, crop).unsqueeze(0)
+            raise FastADError(f"{what} is a uint8 array of shape {item.shape}: expected H x W, H x W x 3 or H x W x 4")
+        if np.issubdtype(item.dtype, np.floating):
+            return _float_batch(torch.from_numpy(np.ascontiguousarray(item)), crop, what)
+        raise FastADError(f"{what} has unsupported dtype {item.dtype}: use uint8 images or float32 in [0, 1]")
+    raise FastADError(
+        f"{what} has unsupported type {type(item).__name__}: expected a path, PIL image, numpy array or tensor"
+    )
+
+
+def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
+    """Turn user input into a float32 batch (B, 3, crop, crop) in [0, 1].
+
+    Accepts a path (str/Path), PIL image, uint8 numpy array (H x W, H x W x 3, H x W x 4, or a
+    B x H x W x 3 stack), each resized and centre-cropped; a float numpy array / torch tensor
+    (B, 3, crop, crop) or (3, crop, crop) in [0, 1] used as is; or a list/tuple mixing these.
+    Raises FastADError for empty input, wrong shape, non-finite or out-of-range values, bad types.
+    """
+    _check_sizes(resize, crop)
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
+        images = list(images)  # stack of H x W x C images
+        if not images:
+            raise FastADError("no images given: the uint8 array stack is empty")
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise FastADError("no images given: the list is empty")
+        parts = [_one_image(item, resize, crop, f"image {i}") for i, item in enumerate(images)]
+        return torch.cat(parts, dim=0)
+    return _one_image(images, resize, crop, "input")
+
+
+__all__ = [
+    "load_image",
+    "load_mask",
+    "image_to_tensor",
+    "mask_to_tensor",
+    "prepare_images",
+]
