@@ -1,5 +1,14 @@
 """fastad: transformer-based industrial visual anomaly detection, built for deployment."""
-from fastad.errors import FastADError
+from .errors import FastADError
 
 __version__ = "0.1.0"
-__all__ = ["FastADError", "__version__"]
+
+
+def load(run_dir, device: str = "auto"):
+    """Load a trained run directory for inference: `fastad.load(RUN).predict(images)`."""
+    from .api import load as _load
+
+    return _load(run_dir, device=device)
+
+
+__all__ = ["FastADError", "load", "__version__"]

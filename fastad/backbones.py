@@ -433,6 +433,7 @@ class FeatureExtractor(nn.Module):
         weights="auto",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        model_kwargs: Mapping | None = None,
     ):
         super().__init__()
         import timm
@@ -458,6 +459,8 @@ class FeatureExtractor(nn.Module):
             out_indices.append(idx[-1])  # deepest block at that resolution
         state, source = _resolve(name, weights)
         profile = weights_profile(name, source)
+        if model_kwargs is not None:
+            profile["model_kwargs"] = dict(model_kwargs)
         try:
             body = timm.create_model(
                 name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **profile["model_kwargs"]
@@ -490,6 +493,32 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         super().train(False)
         self._fingerprint = self._compute_fingerprint()
+
+    @classmethod
+    def restore(cls, spec: Mapping, state: Mapping[str, torch.Tensor]) -> "FeatureExtractor":
+        """Rebuild a saved extractor from its spec (``name``, ``strides``, ``mean``, ``std``,
+        ``model_kwargs``, ``weights_source``, ``fingerprint``) and its own ``body.*`` weights,
+        e.g. from a run directory. Raises FastADError when the weights do not match the spec."""
+        try:
+            prev = log.level
+            log.setLevel(logging.ERROR)  # random init is only a placeholder for `state` here
+            try:
+                fx = cls(spec["name"], spec["strides"], weights="none", mean=spec["mean"],
+                         std=spec["std"], model_kwargs=spec.get("model_kwargs", {}))
+            finally:
+                log.setLevel(prev)
+            fx.body.load_state_dict({k[len("body."):]: v for k, v in state.items()}, strict=True)
+        except (KeyError, TypeError) as e:
+            raise FastADError(f"backbone spec is incomplete or invalid: {e}") from None
+        except RuntimeError as e:
+            raise FastADError(f"backbone weights do not match backbone {spec.get('name')!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+        fx.weights_source = spec.get("weights_source", "restored")
+        fx._fingerprint = fx._compute_fingerprint()
+        if spec.get("fingerprint") not in (None, fx._fingerprint):
+            raise FastADError(f"backbone weights do not match their recorded fingerprint "
+                              f"({fx._fingerprint} != {spec['fingerprint']})")
+        return fx
 
     @staticmethod
     def _load_features(body: nn.Module, state: Mapping[str, torch.Tensor], source: str, name: str) -> None:

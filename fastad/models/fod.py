@@ -47,6 +47,7 @@ Deliberate deviations (each is tested or numerically identical):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -56,6 +57,11 @@ import torch.nn.functional as F
 
 # The authors' smoothing constant inside every log of the divergences and the entropy.
 LOG_EPS = 1e-4
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Correlation statistics run in fp32 (fp64 stays fp64, for the reference tests)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,23 +125,31 @@ def rbf_target(sigma: torch.Tensor, grid: tuple[int, int], rows: torch.Tensor | 
                ) -> torch.Tensor:
     """Row-normalised RBF target correlations T̂ (B, H, Nq, N) from σ (B, H, Nq, 2), in fp32.
 
-    log T̂[i, j] = a_i[r_j] + b_i[c_j] with a_i[r] = −(r_i − r)²/(2σ_i0²) − logsumexp_r(·) and
-    b_i[c] likewise over columns: the normaliser of a separable kernel is separable.
     `rows`: the query indices σ belongs to (default: all N queries).
     """
-    h, w = grid
-    sigma = sigma.float()
     r_i, c_i = patch_positions(grid, sigma.device)
     if rows is not None:
         r_i, c_i = r_i[rows], c_i[rows]
-    rows = torch.arange(h, device=sigma.device, dtype=torch.float32)
-    cols = torch.arange(w, device=sigma.device, dtype=torch.float32)
-    # (B, H, N, h) and (B, H, N, w)
+    return rbf_target_at(sigma, r_i, c_i, grid)
+
+
+def rbf_target_at(sigma: torch.Tensor, r_i: torch.Tensor, c_i: torch.Tensor,
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """T̂ for queries at rows r_i, columns c_i (Nq,) with σ (B, H, Nq, 2) -> (B, H, Nq, h*w).
+
+    log T̂[i, j] = a_i[r_j] + b_i[c_j] with a_i[r] = −(r_i − r)²/(2σ_i0²) − logsumexp_r(·) and
+    b_i[c] likewise over columns: the normaliser of a separable kernel is separable.
+    """
+    h, w = grid
+    sigma = _at_least_fp32(sigma)
+    rows = torch.arange(h, device=sigma.device, dtype=sigma.dtype)
+    cols = torch.arange(w, device=sigma.device, dtype=sigma.dtype)
+    # (B, H, Nq, h) and (B, H, Nq, w)
     log_row = -((r_i[:, None] - rows[None, :]) ** 2) / (2 * sigma[..., 0:1] ** 2)
     log_col = -((c_i[:, None] - cols[None, :]) ** 2) / (2 * sigma[..., 1:2] ** 2)
     row = torch.softmax(log_row, dim=-1)
     col = torch.softmax(log_col, dim=-1)
-    # Outer product per query: (B, H, N, h, 1) * (B, H, N, 1, w) -> (B, H, N, h*w)
+    # Outer product per query: (B, H, Nq, h, 1) * (B, H, Nq, 1, w) -> (B, H, Nq, h*w)
     return (row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2)
 
 
@@ -152,6 +166,38 @@ def sym_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def attn_entropy(p: torch.Tensor) -> torch.Tensor:
     """−Σ_j p log(p + 1e-4) over the last dim."""
     return -(p * torch.log(p + LOG_EPS)).sum(-1)
+
+
+def correlation_stats(logits: torch.Tensor, sigma: torch.Tensor, r_i: torch.Tensor,
+                      c_i: torch.Tensor, grid: tuple[int, int]):
+    """Training statistics of one branch from attention logits (B, H, Nq, M) and σ (B, H, Nq, 2)
+    of the queries at rows r_i, columns c_i (Nq,). -> (Div¹, Div², entropy), each (B, H, Nq).
+
+    Div¹ = sym-KL(T̂.detach(), S) reaches the attention; Div² = sym-KL(T̂, S.detach()) reaches σ.
+    A pure function of tensors so that the trainer can `torch.compile` it (one fused loop over
+    the N×M elements instead of ~20 eager passes; see `FOD.compile_stats`).
+    """
+    attn = torch.softmax(logits, dim=-1)
+    target = rbf_target_at(sigma, r_i, c_i, grid)
+    return sym_kl(target.detach(), attn), sym_kl(target, attn.detach()), attn_entropy(attn)
+
+
+class CompiledWithFallback:
+    """`torch.compile(fn)` that permanently falls back to eager `fn` if compiling fails (no C
+    compiler, unsupported platform). Shapes are static per level, so each compiles once."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any backend failure means "use eager"
+                warnings.warn(f"torch.compile unavailable ({type(e).__name__}); using eager ops")
+                self.compiled = None
+        return self.fn(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +232,7 @@ class I2CorrelationAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.sigma_proj = nn.Linear(d_model, 2 * n_heads)
+        self.stats_fn = correlation_stats  # swapped for a compiled version by FOD.compile_stats
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -217,19 +264,15 @@ class I2CorrelationAttention(nn.Module):
             if not with_stats:
                 return out, None
             q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-            target = rbf_target(sigma, grid, rows=loss_rows)
+            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         else:
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-            out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, h * dh)
-            target = rbf_target(sigma, grid)
-        a = attn.float()
-        stats = BranchStats(
-            div_s=sym_kl(target.detach(), a),
-            div_t=sym_kl(target, a.detach()),
-            entropy=attn_entropy(a),
-        )
-        return out, stats
+            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            out = torch.matmul(torch.softmax(logits, dim=-1), v)
+            out = out.transpose(1, 2).reshape(b, n, h * dh)
+        r_i, c_i = patch_positions(grid, q.device)
+        if loss_rows is not None:
+            r_i, c_i = r_i[loss_rows], c_i[loss_rows]
+        return out, BranchStats(*self.stats_fn(_at_least_fp32(logits), sigma, r_i, c_i, grid))
 
     def inference(self, x, kv, grid, *, with_kl: bool):
         """Scoring path: -> (out (B, N, d), sym-KL (B, H, N) or None). No gradients needed."""
@@ -241,7 +284,7 @@ class I2CorrelationAttention(nn.Module):
         v = v.expand(b, -1, -1, -1)
         attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, h * dh)
-        return out, sym_kl(rbf_target(sigma, grid), attn.float())
+        return out, sym_kl(rbf_target(sigma, grid), _at_least_fp32(attn))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +465,14 @@ class FOD(nn.Module):
             for i, (c, d) in enumerate(zip(backbone.channels, cfg.d_models))
         )
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
+
+    def compile_stats(self) -> None:
+        """Use a `torch.compile`d `correlation_stats` in every attention branch (training speed:
+        ~3x per step on CPU). Falls back to eager, with a warning, where compilation fails."""
+        fn = CompiledWithFallback(correlation_stats)
+        for module in self.modules():
+            if isinstance(module, I2CorrelationAttention):
+                module.stats_fn = fn
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""

@@ -1,0 +1,81 @@
+"""Evaluate a trained model on a dataset's test split: metrics report and optional overlays."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.images import image_to_tensor, load_image, load_mask, mask_to_tensor
+from .data.layouts import list_samples
+from .errors import FastADError
+from .metrics import evaluate
+from .utils import write_json
+
+
+def load_test_set(data, layout: str | None, resize: int, crop: int):
+    """-> (samples, images (n, 3, S, S), masks (n, S, S) bool). Reads everything up front, so a
+    bad file fails before any output is written."""
+    samples = list_samples(data, "test", layout=layout)
+    images, masks = [], []
+    for s in samples:
+        img = load_image(s.path)
+        images.append(image_to_tensor(img, resize, crop))
+        if s.mask_path is not None:
+            m = load_mask(s.mask_path)
+            if m.shape != (img.height, img.width):
+                raise FastADError(f"mask {s.mask_path} is {m.shape[1]}x{m.shape[0]} but image {s.path} "
+                                  f"is {img.width}x{img.height}")
+        else:
+            m = np.zeros((img.height, img.width), dtype=bool)
+        masks.append(mask_to_tensor(m, resize, crop)[0] > 0.5)
+    return samples, torch.stack(images), torch.stack(masks).numpy()
+
+
+def _overlay_name(sample, root: Path) -> str:
+    try:
+        rel = Path(sample.path).resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(sample.defect) / Path(sample.path).name
+    return "_".join(p for p in rel.with_suffix("").parts if p not in ("test", "rgb")) + ".png"
+
+
+def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = None,
+                 report: str | os.PathLike | None = None, overlays: str | os.PathLike | None = None,
+                 batch_size: int = 16, progress: bool = True) -> dict:
+    """Predict every test image, compute metrics (overall and per defect) and write the JSON
+    `report` (and overlay PNGs into `overlays`) — outputs only after everything succeeded."""
+    from tqdm.auto import tqdm
+
+    from .visualize import save_overlay
+
+    cfg = predictor.cfg
+    samples, images, masks = load_test_set(data, layout, cfg.resize, cfg.crop)
+    t0 = time.perf_counter()
+    scores, maps = [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch",
+                      disable=not progress, leave=False):
+        res = predictor.predict(images[start:start + batch_size], batch_size=batch_size)
+        scores.append(res.score)
+        maps.append(res.anomaly_map)
+    seconds = time.perf_counter() - t0
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    labels = np.array([s.label for s in samples])
+    has_masks = any(s.mask_path is not None for s in samples)
+    result = evaluate(labels, scores, masks if has_masks else None, maps if has_masks else None,
+                      defects=[s.defect for s in samples])
+    result["data"] = str(Path(data).resolve())
+    result["inference_seconds"] = round(seconds, 2)
+    result["images"] = [{"path": s.path, "defect": s.defect, "label": int(s.label), "score": float(v)}
+                        for s, v in zip(samples, scores)]
+    if report is not None:
+        write_json(report, result)
+    if overlays is not None:
+        out = Path(overlays)
+        vmin, vmax = float(maps.min()), float(maps.max())  # one colour scale for the whole set
+        for s, img, amap, m in zip(samples, images, maps, masks):
+            save_overlay(out / _overlay_name(s, Path(data)), img.permute(1, 2, 0).numpy(), amap,
+                         vmin=vmin, vmax=vmax, mask=m if s.mask_path is not None else None)
+    return result
