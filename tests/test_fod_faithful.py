@@ -194,3 +194,13 @@ def test_query_subsampling_is_unbiased_subset(queries):
     for a, b in zip(full.intra + full.inter, sub.intra + sub.inter):
         for fa, fb in zip(a, b):
             assert torch.allclose(fa[:, :, rows], fb, rtol=1e-9, atol=1e-10)
+
+
+def test_blocked_inference_kl_equals_unblocked():
+    level = make_level(3)
+    x = level.embed(torch.randn(B, N, C, dtype=torch.float64))
+    attn = level.layers[0].inter
+    with torch.no_grad():
+        out_a, kl_a = attn.inference(x, x, GRID, with_kl=True, block=3)
+        out_b, kl_b = attn.inference(x, x, GRID, with_kl=True, block=N)
+    assert torch.allclose(out_a, out_b) and torch.allclose(kl_a, kl_b, rtol=1e-12, atol=1e-12)

@@ -274,17 +274,26 @@ class I2CorrelationAttention(nn.Module):
             r_i, c_i = r_i[loss_rows], c_i[loss_rows]
         return out, BranchStats(*self.stats_fn(_at_least_fp32(logits), sigma, r_i, c_i, grid))
 
-    def inference(self, x, kv, grid, *, with_kl: bool):
-        """Scoring path: -> (out (B, N, d), sym-KL (B, H, N) or None). No gradients needed."""
+    def inference(self, x, kv, grid, *, with_kl: bool, block: int = 256):
+        """Scoring path: -> (out (B, N, d), sym-KL (B, H, N) or None). No gradients needed.
+
+        The KL is computed over blocks of `block` query rows, so memory stays O(B·H·block·N)
+        instead of O(B·H·N²) (the fused kernels in fastad.kernels go further).
+        """
         if not with_kl:
             return self.forward(x, kv, grid, with_stats=False)
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
         k = k.expand(b, -1, -1, -1)
         v = v.expand(b, -1, -1, -1)
-        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, h * dh)
-        return out, sym_kl(rbf_target(sigma, grid), _at_least_fp32(attn))
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, h * dh)
+        r_i, c_i = patch_positions(grid, q.device)
+        kl = []
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
+            attn = torch.softmax(_at_least_fp32(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.scale), -1)
+            kl.append(sym_kl(rbf_target_at(sigma[:, :, rows], r_i[rows], c_i[rows], grid), attn))
+        return out, torch.cat(kl, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,33 +375,46 @@ class FODLevel(nn.Module):
         n = grid[0] * grid[1]
         # Per-position mean of the (avg-pooled) training features; set by `FOD.fit_reference`.
         self.register_buffer("reference", torch.zeros(n, in_channels))
+        # Per-channel mean/std of the training tokens (deviation 8): inputs are standardised
+        # before the embeddings and the reconstruction is mapped back, so the loss and scores
+        # stay in the backbone's feature space. Identity (0/1) until `FOD.fit_reference`.
+        self.register_buffer("feature_shift", torch.zeros(in_channels))
+        self.register_buffer("feature_scale", torch.ones(in_channels))
         self.layers = nn.ModuleList(
             I2CorrelationLayer(d_model, cfg.n_heads, cfg.ffn_ratio) for _ in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, in_channels)
 
+    def _standardise(self, t: torch.Tensor) -> torch.Tensor:
+        return (t - self.feature_shift) / self.feature_scale
+
+    def _reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x)) * self.feature_scale + self.feature_shift
+
+    def _embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embedded tokens (B, N, d) and embedded reference (1, N, d), shared by the batch."""
+        x = self.embed(self._standardise(tokens))
+        return x, self.ref_embed(self._standardise(self.reference)).unsqueeze(0)
+
     def forward(self, tokens: torch.Tensor, loss_rows: torch.Tensor | None = None) -> LevelOutput:
-        x = self.embed(tokens)
-        ref = self.ref_embed(self.reference).unsqueeze(0)  # (1, N, d), shared by the batch
+        x, ref = self._embed(tokens)
         intra, inter = [], []
         for layer in self.layers:
             x, s_intra, s_inter = layer(x, ref, self.grid, loss_rows)
             intra.append(s_intra)
             inter.append(s_inter)
-        return LevelOutput(self.head(self.norm(x)), intra, inter)
+        return LevelOutput(self._reconstruct(x), intra, inter)
 
     def score(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-patch anomaly score (B, N): reconstruction error × inter-correlation weight."""
-        x = self.embed(tokens)
-        ref = self.ref_embed(self.reference).unsqueeze(0)
+        x, ref = self._embed(tokens)
         div = 0.0
         for layer in self.layers:
             x, kl = layer.inference(x, ref, self.grid)
             div = div + kl.mean(1)  # mean over heads
         div = div / len(self.layers)
-        recon = self.head(self.norm(x))
-        rec = reconstruction_score(tokens, recon)
+        rec = reconstruction_score(tokens, self._reconstruct(x))
         weight = torch.softmax(-div, dim=-1)
         weight = weight.amax(dim=-1, keepdim=True) - weight  # deviation 4: max per image
         return rec * weight
@@ -483,9 +505,13 @@ class FOD(nn.Module):
 
     @torch.no_grad()
     def fit_reference(self, level_tokens: list[torch.Tensor]) -> None:
-        """Set each level's reference to the per-position mean of training tokens [(n, N, C)]."""
+        """Set each level's reference to the per-position mean of training tokens [(n, N, C)],
+        and its per-channel standardisation to their mean/std (deviation 8)."""
         for level, toks in zip(self.levels, level_tokens):
-            level.reference.copy_(toks.float().mean(0))
+            toks = toks.float()
+            level.reference.copy_(toks.mean(0))
+            level.feature_shift.copy_(toks.mean((0, 1)))
+            level.feature_scale.copy_(toks.std((0, 1)).clamp_min(1e-6))
 
     def patch_scores(self, level_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         return [level.score(t) for level, t in zip(self.levels, level_tokens)]
