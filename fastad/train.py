@@ -296,13 +296,30 @@ def train_fod(
     if start_epoch >= cfg.epochs:
         log.info("nothing to train: %s already has %d epochs", out, start_epoch)
     model.eval()
+    normal = normal_score_stats(model, tokens, dev)
     training = {**meta, "epochs_done": cfg.epochs, "feature_seconds": round(feature_seconds, 2),
                 "train_seconds": round(train_seconds, 2), "history": history}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(model_state(model), str(tmp), metadata={"format": "fastad-fod", "version": __version__})
-    write_json(out / CONFIG_FILE, run_config(model, {"training": training}))
+    write_json(out / CONFIG_FILE, run_config(model, {"training": training, "normal_scores": normal}))
     return out
+
+
+@torch.no_grad()
+def normal_score_stats(model: FOD, tokens: list[torch.Tensor], device: torch.device,
+                       max_images: int = 64, batch_size: int = 8) -> dict:
+    """Image-score statistics on (up to `max_images`) training images, in-sample: a scale for
+    heatmap colours and a starting point for thresholds — never a test-set statistic."""
+    n = min(max_images, tokens[0].shape[0])
+    scores = []
+    for start in range(0, n, batch_size):
+        batch = [t[start:min(start + batch_size, n)].to(device) for t in tokens]
+        amap = model.anomaly_map(model.patch_scores(batch))
+        scores.append(amap.flatten(1).amax(1).float().cpu())
+    s = torch.cat(scores).numpy().astype(np.float64)
+    return {"num_images": int(n), "mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
+            "p99": float(np.percentile(s, 99))}
 
 
 def _tensor_digest(model: FOD) -> str:

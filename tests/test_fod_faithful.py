@@ -171,14 +171,23 @@ def test_anomaly_map_matches_authors_postprocessing():
     model = FOD(cfg, FixedBackbone()).eval()
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        amap, score = model(images)
         per_level = model.patch_scores(model.tokens(images))
     ups = [F.interpolate(s.view(2, 1, *cfg.grid(i)), size=(64, 64), mode="bilinear", align_corners=True)
            for i, s in enumerate(per_level)]
     avg = (ups[0] + ups[1]).squeeze(1).numpy() / 2
     ref = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in avg])
+    model.cfg.level_combine = "mean"  # the authors' combination
+    with torch.no_grad():
+        amap, score = model(images)
     assert np.abs(amap.numpy() - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
     assert np.allclose(score.numpy(), amap.flatten(1).amax(1).numpy())
+    # Deviation 9 (default): geometric mean of the upsampled level maps, then the same blur.
+    model.cfg.level_combine = "geometric"
+    with torch.no_grad():
+        amap, _ = model(images)
+    geo = np.sqrt((ups[0] * ups[1]).squeeze(1).numpy())
+    ref = np.stack([gaussian_filter(m.astype(np.float64), sigma=4) for m in geo])
+    assert np.abs(amap.numpy() - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.parametrize("queries", [7, 20])
@@ -204,3 +213,25 @@ def test_blocked_inference_kl_equals_unblocked():
         out_a, kl_a = attn.inference(x, x, GRID, with_kl=True, block=3)
         out_b, kl_b = attn.inference(x, x, GRID, with_kl=True, block=N)
     assert torch.allclose(out_a, out_b) and torch.allclose(kl_a, kl_b, rtol=1e-12, atol=1e-12)
+
+
+def test_standardisation_is_a_reparametrisation():
+    """Deviation 8: standardised tokens == the authors' plain model with folded 1×1 weights."""
+    std_level = make_level(4)
+    with torch.no_grad():
+        std_level.feature_shift.uniform_(-3, 3)
+        std_level.feature_scale.uniform_(0.5, 6)
+    plain = make_level(4)
+    mu, sd = std_level.feature_shift, std_level.feature_scale
+    with torch.no_grad():
+        for name in ("embed", "ref_embed"):
+            src, dst = getattr(std_level, name).proj, getattr(plain, name).proj
+            dst.weight.copy_(src.weight / sd)
+            dst.bias.copy_(src.bias - src.weight @ (mu / sd))
+        plain.head.weight.copy_(std_level.head.weight * sd[:, None])
+        plain.head.bias.copy_(std_level.head.bias * sd + mu)
+        plain.feature_shift.zero_()
+        plain.feature_scale.fill_(1)
+        tokens = torch.randn(B, N, C, dtype=torch.float64)
+        assert torch.allclose(std_level(tokens).recon, plain(tokens).recon, rtol=1e-9, atol=1e-9)
+        assert torch.allclose(std_level.score(tokens), plain.score(tokens), rtol=1e-9, atol=1e-12)
