@@ -12,11 +12,12 @@ Read top-down: Triton kernel → launcher → torch path/reference → public fu
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ._backend import pick_backend
 
 try:
     import triton
@@ -76,10 +77,6 @@ def feature_distance_torch(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.T
     return d if weight is None else d * weight.float()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def feature_distance_map(x: torch.Tensor, x_hat: torch.Tensor, *, weight: torch.Tensor | None = None,
                          backend: str = "auto") -> torch.Tensor:
     """Per-patch distance (B, N) fp32 from features x, x̂ (B, N, C); optional weight (B, N).
@@ -88,15 +85,7 @@ def feature_distance_map(x: torch.Tensor, x_hat: torch.Tensor, *, weight: torch.
         raise ValueError(f"x and x_hat must both be (B, N, C), got {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if weight is not None and weight.shape != x.shape[:2]:
         raise ValueError(f"weight must be (B, N) = {tuple(x.shape[:2])}, got {tuple(weight.shape)}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if (x.is_cuda and triton is not None) else "torch"
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package")
-        if not x.is_cuda and not _interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
+    if pick_backend(backend, x, triton is not None) == "triton":
         return feature_distance_triton(x, x_hat, weight)
     return feature_distance_torch(x, x_hat, weight)
 

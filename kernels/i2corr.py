@@ -24,10 +24,11 @@ Two passes over the keys is the exact minimum: log(S + ε) cannot be rescaled on
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+
+from ._backend import interpreting, pick_backend
 
 try:  # Triton is optional at import time: the torch backends work without it.
     import triton
@@ -48,6 +49,24 @@ class I2CorrOutput(NamedTuple):
 # Triton kernel
 # --------------------------------------------------------------------------------------------
 if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, IEEE_DOT: tl.constexpr):
+        if IEEE_DOT:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale,
+                      IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+        """q·kᵀ·scale for one block of keys, −inf on the ragged tail. -> (BLOCK_M, BLOCK_N) fp32."""
+        col_ok = offs_n < M
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = _dot(q, tl.trans(k), IEEE_DOT)
+        return tl.where(col_ok[None, :], qk * scale, float("-inf"))
 
     @triton.jit
     def _i2corr_fwd_kernel(
@@ -83,27 +102,16 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, M, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < M
-            kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            if IEEE_DOT:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(col_ok[None, :], qk * scale, float("-inf"))
+            qk = _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale, IEEE_DOT, UPCAST)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                        mask=(offs_n < M)[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            if IEEE_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(Out + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod,
@@ -122,15 +130,7 @@ if triton is not None:
             for start_n in range(0, M, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 col_ok = offs_n < M
-                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                if IEEE_DOT:
-                    qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(k))
-                qk = tl.where(col_ok[None, :], qk * scale, float("-inf"))
+                qk = _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale, IEEE_DOT, UPCAST)
                 s = tl.exp(qk - m_i[:, None]) / l_i[:, None]  # 0 on masked columns
                 dr = r_i[:, None] - (offs_n // GRID_W).to(tl.float32)[None, :]
                 dc = c_i[:, None] - (offs_n % GRID_W).to(tl.float32)[None, :]
@@ -163,7 +163,7 @@ def _target_terms(sigma: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Ten
 def _upcast(dtype: torch.dtype) -> bool:
     """Under TRITON_INTERPRET, bf16 tiles are upcast before tl.dot (the interpreter's bf16 dot is
     wrong); products of bf16 values are exact in fp32, so this matches tensor-core results."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _use_ieee(dtype: torch.dtype) -> bool:
@@ -264,9 +264,6 @@ def i2corr_reference(q, k, v, sigma, grid, scale: float | None = None) -> I2Corr
 # --------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------
-BACKENDS = ("auto", "triton", "torch")
-
-
 def _check_inputs(q, k, v, sigma, grid):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, N, Dh), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -286,10 +283,6 @@ def _check_inputs(q, k, v, sigma, grid):
         raise ValueError("q, k, v and sigma must be on one device")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_stats: bool = True,
                      backend: str = "auto") -> I2CorrOutput:
     """One I2Correlation attention branch, forward only.
@@ -304,15 +297,7 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     _check_inputs(q, k, v, sigma, grid)
     grid = (int(grid[0]), int(grid[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if (q.is_cuda and triton is not None) else "torch"
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package")
-        if not q.is_cuda and not _interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (or use backend='torch')")
+    if pick_backend(backend, q, triton is not None) == "triton":
         return i2corr_forward_triton(q, k, v, sigma, grid, scale, with_stats)
     return i2corr_forward_torch(q, k, v, sigma, grid, scale, with_stats)
 
