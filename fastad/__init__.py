@@ -4,11 +4,12 @@ from .errors import FastADError
 __version__ = "0.1.0"
 
 
-def load(run_dir, device: str = "auto"):
-    """Load a trained run directory for inference: `fastad.load(RUN).predict(images)`."""
+def load(run_dir, device: str = "auto", backend: str | None = None):
+    """Load a trained run directory for inference: `fastad.load(RUN).predict(images)`.
+    `backend` ("auto", "triton", "torch") scores through the fastad.kernels fast paths."""
     from .api import load as _load
 
-    return _load(run_dir, device=device)
+    return _load(run_dir, device=device, backend=backend)
 
 
 __all__ = ["FastADError", "load", "__version__"]

@@ -108,7 +108,12 @@ class FODPredictor:
         return f"FODPredictor(backbone={bb['name']!r}, size={self.image_size}, device={self.device})"
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto") -> FODPredictor:
-    """Load a run directory written by `fastad train` for inference."""
+def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None = None) -> FODPredictor:
+    """Load a run directory written by `fastad train` for inference.
+
+    backend: None (the model's reference ops), or "auto" / "triton" / "torch" to score through
+    fastad.kernels (fused Triton I2Correlation on CUDA; memory-lean torch blocks elsewhere)."""
     model, conf = load_model(run_dir, device)
+    if backend is not None:
+        model.use_kernels(backend)
     return FODPredictor(model, conf)

@@ -307,3 +307,17 @@ def test_entry_point_prints_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kernel_backends_match_reference_scoring(tiny_run, demo_data, backend):
+    """Scoring through fastad.kernels (lean torch path; Triton via the interpreter on CPU)
+    equals the model's own ops. fp32 tolerance: different summation orders only."""
+    if backend == "triton" and not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    paths = [str(p) for p in sorted((demo_data / "test" / "spot").glob("*.png"))]
+    ref = fastad.load(tiny_run, device="cpu").predict(paths)
+    fast = fastad.load(tiny_run, device="cpu", backend=backend).predict(paths)
+    scale = float(np.abs(ref.anomaly_map).max())
+    assert np.abs(fast.anomaly_map - ref.anomaly_map).max() <= 1e-4 * scale
+    assert np.allclose(fast.score, ref.score, rtol=1e-4, atol=1e-4 * scale)

@@ -250,6 +250,7 @@ class I2CorrelationAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.sigma_proj = nn.Linear(d_model, 2 * n_heads)
         self.stats_fn = correlation_stats  # swapped for a compiled version by FOD.compile_stats
+        self.kernel_backend: str | None = None  # set by FOD.use_kernels: scoring via fastad.kernels
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -297,6 +298,14 @@ class I2CorrelationAttention(nn.Module):
         The KL is computed over blocks of `block` query rows, so memory stays O(B·H·block·N)
         instead of O(B·H·N²) (the fused kernels in fastad.kernels go further).
         """
+        if self.kernel_backend is not None:
+            from fastad.kernels.i2corr import i2corr_attention
+
+            q, k, v, sigma = self.project(x, kv)
+            b, h, n, dh = q.shape
+            res = i2corr_attention(q, k, v, sigma, grid, scale=self.scale, with_stats=with_kl,
+                                   backend=self.kernel_backend)
+            return res.out.transpose(1, 2).reshape(b, n, h * dh), res.kl
         if not with_kl:
             return self.forward(x, kv, grid, with_stats=False)
         q, k, v, sigma = self.project(x, kv)
@@ -431,10 +440,14 @@ class FODLevel(nn.Module):
             x, kl = layer.inference(x, ref, self.grid)
             div = div + kl.mean(1)  # mean over heads
         div = div / len(self.layers)
-        rec = reconstruction_score(tokens, self._reconstruct(x))
         weight = torch.softmax(-div, dim=-1)
         weight = weight.amax(dim=-1, keepdim=True) - weight  # deviation 4: max per image
-        return rec * weight
+        backend = self.layers[0].inter.kernel_backend
+        if backend is not None:
+            from fastad.kernels.feature_distance import feature_distance_map
+
+            return feature_distance_map(tokens, self._reconstruct(x), weight=weight, backend=backend)
+        return reconstruction_score(tokens, self._reconstruct(x)) * weight
 
 
 def reconstruction_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -514,6 +527,17 @@ class FOD(nn.Module):
         for module in self.modules():
             if isinstance(module, I2CorrelationAttention):
                 module.stats_fn = fn
+
+    def use_kernels(self, backend: str | None = "auto") -> "FOD":
+        """Score through fastad.kernels (fused Triton on CUDA with "auto"/"triton", the
+        memory-lean torch path with "torch"); None returns to the model's own reference ops.
+        Training is unaffected."""
+        if backend not in (None, "auto", "triton", "torch"):
+            raise ValueError(f"backend must be None, auto, triton or torch, got {backend!r}")
+        for module in self.modules():
+            if isinstance(module, I2CorrelationAttention):
+                module.kernel_backend = backend
+        return self
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""
