@@ -56,7 +56,7 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
     t0 = time.perf_counter()
     scores, maps = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch",
-                      disable=not progress, leave=False):
+                      disable=None if progress else True, leave=False):
         res = predictor.predict(images[start:start + batch_size], batch_size=batch_size)
         scores.append(res.score)
         maps.append(res.anomaly_map)

@@ -77,7 +77,7 @@ def cache_tokens(model: FOD, samples: list[Sample], device: torch.device, batch_
 
     cfg = model.cfg
     parts: list[list[torch.Tensor]] = [[] for _ in model.levels]
-    bar = tqdm(total=len(samples), desc="features", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(samples), desc="features", unit="img", disable=None if progress else True, leave=False)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         images = load_batch(chunk, cfg.resize, cfg.crop).to(device)
@@ -262,7 +262,7 @@ def train_fod(
         order = torch.randperm(n, generator=gen)
         sums: dict[str, float] = {}
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)
         for step in bar:
             idx = order[step * bs:(step + 1) * bs]
             for li, (level, toks) in enumerate(zip(model.levels, tokens)):
