@@ -102,18 +102,14 @@ def cmd_predict(args) -> int:
     import io
 
     import numpy as np
-    import torch
 
     from .api import load
-    from .data.images import image_to_tensor, load_image
     from .utils import atomic_path, write_json
     from .visualize import save_map_png
 
     paths = _expand_inputs(args.inputs)
     predictor = load(args.run, device=args.device)
-    cfg = predictor.cfg
-    batch = torch.stack([image_to_tensor(load_image(p), cfg.resize, cfg.crop) for p in paths])
-    res = predictor.predict(batch)
+    res = predictor.predict([str(p) for p in paths])  # reads every image before writing anything
     out = Path(args.out)
     names = _unique_names(paths)
     # Colour scale of the map PNGs: 0 .. twice the largest score seen on the training images.

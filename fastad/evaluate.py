@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.images import image_to_tensor, load_image, load_mask, mask_to_tensor
+from .data.dataset import AnomalyDataset
 from .data.layouts import list_samples
-from .errors import FastADError
 from .metrics import evaluate
 from .utils import write_json
 
@@ -19,19 +18,10 @@ def load_test_set(data, layout: str | None, resize: int, crop: int):
     """-> (samples, images (n, 3, S, S), masks (n, S, S) bool). Reads everything up front, so a
     bad file fails before any output is written."""
     samples = list_samples(data, "test", layout=layout)
-    images, masks = [], []
-    for s in samples:
-        img = load_image(s.path)
-        images.append(image_to_tensor(img, resize, crop))
-        if s.mask_path is not None:
-            m = load_mask(s.mask_path)
-            if m.shape != (img.height, img.width):
-                raise FastADError(f"mask {s.mask_path} is {m.shape[1]}x{m.shape[0]} but image {s.path} "
-                                  f"is {img.width}x{img.height}")
-        else:
-            m = np.zeros((img.height, img.width), dtype=bool)
-        masks.append(mask_to_tensor(m, resize, crop)[0] > 0.5)
-    return samples, torch.stack(images), torch.stack(masks).numpy()
+    items = [AnomalyDataset(samples, resize, crop)[i] for i in range(len(samples))]
+    images = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"][0] > 0.5 for it in items])
+    return samples, images, masks.numpy()
 
 
 def _overlay_name(sample, root: Path) -> str:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbones import FeatureExtractor
-from .data.images import image_to_tensor, load_image
+from .data.images import prepare_images
 from .data.layouts import Sample, list_samples
 from .errors import FastADError
 from .models.fod import FOD, FODConfig, fod_level_losses
@@ -64,11 +64,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def load_batch(samples: list[Sample], resize: int, crop: int) -> torch.Tensor:
-    """Read and preprocess images -> (B, 3, crop, crop) in [0, 1]. Bad files raise FastADError."""
-    return torch.stack([image_to_tensor(load_image(s.path), resize, crop) for s in samples])
-
-
 @torch.no_grad()
 def cache_tokens(model: FOD, samples: list[Sample], device: torch.device, batch_size: int = 16,
                  progress: bool = True) -> list[torch.Tensor]:
@@ -80,7 +75,7 @@ def cache_tokens(model: FOD, samples: list[Sample], device: torch.device, batch_
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=None if progress else True, leave=False)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        images = load_batch(chunk, cfg.resize, cfg.crop).to(device)
+        images = prepare_images([s.path for s in chunk], cfg.resize, cfg.crop).to(device)
         for level, toks in enumerate(model.tokens(images)):
             parts[level].append(toks.float().cpu())
         bar.update(len(chunk))
