@@ -274,8 +274,8 @@ class I2CorrelationAttention(nn.Module):
         """
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
-        k = k.expand(b, -1, -1, -1)
-        v = v.expand(b, -1, -1, -1)
+        if k.shape[0] != b:  # a shared reference (batch 1); fixed at trace time when exporting
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         if not with_stats or loss_rows is not None:
             # Fused attention for the output; statistics (if any) on a subset of query rows.
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -309,17 +309,19 @@ class I2CorrelationAttention(nn.Module):
             return res.out.transpose(1, 2).reshape(b, n, h * dh), res.kl
         if not with_kl:
             return self.forward(x, kv, grid, with_stats=False)
+        # One softmax per block of query rows serves both the output and the KL. k and v keep
+        # their batch of 1 (the shared reference) and broadcast in the matmuls: no expand, so
+        # the exported graph has no shape arithmetic for it.
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
-        k = k.expand(b, -1, -1, -1)
-        v = v.expand(b, -1, -1, -1)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(b, n, h * dh)
         r_i, c_i = patch_positions(grid, q.device)
-        kl = []
+        out, kl = [], []
         for start in range(0, n, block):
             rows = slice(start, start + block)
             attn = torch.softmax(_at_least_fp32(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.scale), -1)
+            out.append(torch.matmul(attn if attn.dtype == v.dtype else attn.to(v.dtype), v))
             kl.append(sym_kl(rbf_target_at(sigma[:, :, rows], r_i[rows], c_i[rows], grid), attn))
+        out = torch.cat(out, dim=2).transpose(1, 2).reshape(b, n, h * dh)
         return out, torch.cat(kl, dim=-1)
 
 
@@ -493,7 +495,7 @@ class GaussianBlur(nn.Module):
         x = F.conv2d(x, k.view(1, 1, 1, -1))
         x = x.index_select(2, self.pad_index)
         x = F.conv2d(x, k.view(1, 1, -1, 1))
-        return x.squeeze(1)
+        return x[:, 0]  # not squeeze(1): that exports as an If on the dynamic batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +566,7 @@ class FOD(nn.Module):
         """Per-level (B, N_l) -> bilinear upsample (align_corners) -> combine levels -> blur."""
         size = (self.cfg.crop, self.cfg.crop)
         maps = [
-            F.interpolate(s.view(s.shape[0], 1, *self.cfg.grid(i)), size=size, mode="bilinear",
+            F.interpolate(s.view(-1, 1, *self.cfg.grid(i)), size=size, mode="bilinear",
                           align_corners=True)
             for i, s in enumerate(patch_scores)
         ]
@@ -573,7 +575,7 @@ class FOD(nn.Module):
             combined = maps.mean(0)
         else:  # geometric mean: invariant to each level's scale (deviation 9)
             combined = maps.clamp_min(0).prod(0).pow(1.0 / len(maps))
-        return self.blur(combined.squeeze(1))
+        return self.blur(combined[:, 0])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = self.anomaly_map(self.patch_scores(self.tokens(images)))

@@ -1,0 +1,182 @@
+"""ONNX export of a trained run: the whole inference graph in one model.
+
+    fastad export --run runs/bottle --format onnx --out bottle.onnx [--fp16]
+
+Graph: input ``images`` float32 (B, 3, S, S) RGB in [0, 1] (resized by the caller; the backbone's
+mean/std normalisation is inside) -> outputs ``anomaly_map`` float32 (B, S, S), the final blurred
+map, and ``score`` float32 (B,). The batch axis is dynamic; everything else is static, and the
+reference features, standardisation and position grids are constants in the file.
+
+The I2Correlation scoring is the model's own blocked path (`I2CorrelationAttention.inference`):
+plain MatMul / Softmax / Log / ReduceSum, one softmax per block of 256 query rows, so no
+intermediate tensor holds B·H·N² elements (TensorRT's 2³¹-element limit is reached only above
+batch 256 at 256² input; `check_onnx` computes the largest volume for a given batch).
+
+fp16 variant: the weights and activations are fp16 but the input and outputs stay float32 (casts
+inside the graph), and the correlation statistics (softmax, RBF target, KL) stay fp32 as in the
+torch path — the log-probabilities of a 1024-way softmax lose too much in fp16. This is the file
+that a strongly typed TensorRT (11.x) build needs for fp16.
+
+Every file is written atomically: a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastad import __version__
+from fastad.errors import FastADError
+from fastad.utils import atomic_path
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "score")
+DEFAULT_OPSET = 17
+SIDECAR_FORMAT = "fastad-onnx/1"
+
+
+class InferenceGraph(nn.Module):
+    """What gets traced: float32 images -> (float32 anomaly_map, float32 score) in any dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor):
+        amap, score = self.model(images.to(self.dtype))
+        return amap.float(), score.float()
+
+
+def sidecar_path(onnx_or_engine: str | os.PathLike) -> Path:
+    """model.onnx -> model.json (the sidecar shared by an .onnx and the .engine built from it)."""
+    return Path(onnx_or_engine).with_suffix(".json")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import onnx
+
+    out = {"fastad": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+           "python": platform.python_version()}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, file: Path,
+                  extra: dict | None = None) -> dict:
+    """Everything a runtime needs besides the graph: sizes, preprocessing, thresholds, provenance."""
+    from fastad.runtime import default_thresholds
+
+    cfg = model.cfg
+    bb = conf["backbone"]
+    return {
+        "format": SIDECAR_FORMAT,
+        "file": file.name,
+        "sha256": file_sha256(file),
+        "artifact": fmt,
+        "precision": precision,
+        "model": conf.get("model", "fod"),
+        "input": {
+            "name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, cfg.crop, cfg.crop],
+            "layout": "NCHW", "color": "RGB", "range": [0.0, 1.0],
+            "resize": cfg.resize, "crop": cfg.crop, "resample": "bilinear",
+        },
+        "normalization": {"mean": list(bb["mean"]), "std": list(bb["std"]), "inside_graph": True},
+        "outputs": {
+            "anomaly_map": {"dtype": "float32", "shape": ["batch", cfg.crop, cfg.crop]},
+            "score": {"dtype": "float32", "shape": ["batch"]},
+        },
+        "thresholds": default_thresholds(conf),
+        "normal_scores": conf.get("normal_scores"),
+        "model_config": conf["config"],
+        "backbone": {k: bb[k] for k in ("name", "strides", "weights_source", "fingerprint") if k in bb},
+        "opset": opset,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+
+
+def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False,
+                opset: int = DEFAULT_OPSET, check: bool = True, check_batch: int = 32) -> dict:
+    """Export the run in `run_dir` to `out` (.onnx) plus its sidecar JSON. -> the sidecar dict.
+
+    Raises FastADError for a bad run, output path or opset; with `check`, also when the graph
+    uses anything outside TensorRT's supported set (see `fastad.export.check`).
+    """
+    import onnx
+
+    from fastad.api import load_model
+
+    from .check import check_onnx
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise FastADError(f"--out must end in .onnx, got {out}")
+    if out.exists() and out.is_dir():
+        raise FastADError(f"{out} is a directory")
+    if not 17 <= opset <= 20:
+        raise FastADError(f"opset {opset} not supported: use 17..20 (TensorRT 10 parses up to 20)")
+    model, conf = load_model(run_dir, device="cpu")
+    dtype = torch.float16 if fp16 else torch.float32
+    graph = InferenceGraph(model, dtype).eval()
+    crop = model.cfg.crop
+    example = torch.rand(2, 3, crop, crop)
+    dynamic = {INPUT_NAME: {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
+    sidecar_file = sidecar_path(out)
+    with atomic_path(out) as tmp_onnx, atomic_path(sidecar_file) as tmp_json:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # tracer/deprecation chatter; the graph is checked below
+            torch.onnx.export(graph, (example,), str(tmp_onnx), input_names=[INPUT_NAME],
+                              output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+        proto = onnx.load(str(tmp_onnx))
+        onnx.checker.check_model(proto, full_check=True)
+        report = check_onnx(proto, batch=check_batch) if check else None
+        if report is not None and not report.ok:
+            raise FastADError(f"exported graph is not TensorRT-compatible: {report.errors[0]}")
+        sidecar = build_sidecar(
+            conf, model, precision="fp16" if fp16 else "fp32", opset=opset, fmt="onnx", file=tmp_onnx,
+            extra={"trt_check": report.summary() if report is not None else None})
+        sidecar["file"] = out.name
+        tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def read_sidecar(artifact: str | os.PathLike) -> dict:
+    """The sidecar JSON next to an .onnx / .engine file, validated enough to run it."""
+    path = sidecar_path(artifact)
+    if not path.is_file():
+        raise FastADError(f"{artifact}: no sidecar {path.name} next to it (export writes one; "
+                          "copy it along with the model)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FastADError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "input" not in meta:
+        raise FastADError(f"{path} is not a fastad sidecar (format {SIDECAR_FORMAT})")
+    return meta
+
+
+__all__ = ["export_onnx", "read_sidecar", "sidecar_path", "build_sidecar", "InferenceGraph",
+           "INPUT_NAME", "OUTPUT_NAMES"]
