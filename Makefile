@@ -5,18 +5,21 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.fastad-installed
 
-.PHONY: install demo test test-slow bottle clean
+.PHONY: install demo test test-slow bottle cpp clean
 
 install: $(STAMP)
 
 # uv resolves from PyPI directly, which skips the machine's local CPU-only torch wheel that breaks
 # PyPI's torchvision (see requirements.txt).
-$(STAMP): requirements.txt setup.py
+# setup.py also compiles the C++ post-processing module fastad._postprocess (csrc/) into fastad/;
+# without a C++ compiler it warns and fastad.postprocess runs its numpy/scipy path.
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/fastad/*.hpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	$(UV) pip install -q --python $(PY) -r requirements.txt
 	$(UV) pip install -q --python $(PY) --no-deps -e .
 	$(PY) -c "import torch, torchvision, timm; print('fastad install ok: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+	$(PY) -c "import fastad.postprocess as p; print('fastad post-processing backend:', p.BACKEND)"
 	touch $(STAMP)
 
 demo: install
@@ -35,5 +38,13 @@ bottle: install
 	$(VENV)/bin/fastad train --model fod --data $(BOTTLE) --out runs/bottle --overwrite
 	$(VENV)/bin/fastad eval --run runs/bottle --data $(BOTTLE) --report runs/bottle/report.json --overlays runs/bottle/overlays
 
+# C++ library, example program (and the Python module when .venv has pybind11) into build/, then
+# the example. Extra CMake options via CMAKE_ARGS, e.g. CMAKE_ARGS=-DFASTAD_WITH_TENSORRT=ON.
+cpp:
+	cmake -S . -B build $(if $(shell command -v ninja),-G Ninja) \
+		$(if $(wildcard $(PY)),-DPython_EXECUTABLE=$(CURDIR)/$(PY)) $(CMAKE_ARGS)
+	cmake --build build
+	./build/fastad_postprocess_example
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache build fastad/_postprocess*.so
