@@ -55,9 +55,9 @@ class InferenceGraph(nn.Module):
         return amap.float(), score.float()
 
 
-def sidecar_path(onnx_or_engine: str | os.PathLike) -> Path:
-    """model.onnx -> model.json (the sidecar shared by an .onnx and the .engine built from it)."""
-    return Path(onnx_or_engine).with_suffix(".json")
+def sidecar_path(artifact: str | os.PathLike) -> Path:
+    """model.onnx -> model.onnx.json, model.engine -> model.engine.json."""
+    return Path(str(artifact) + ".json")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

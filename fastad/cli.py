@@ -1,4 +1,4 @@
-"""The `fastad` command: train, eval, predict, demo.
+"""The `fastad` command: train, eval, predict, export, check, bench, demo.
 
 User mistakes (bad paths, corrupt images, mismatched runs, bad values) raise FastADError and
 end as one line `error: …` on stderr with exit status 2 — never a traceback. Outputs are
@@ -102,36 +102,100 @@ def cmd_predict(args) -> int:
     import io
 
     import numpy as np
+    from PIL import Image
 
-    from .api import load
+    from .runtime import Predictor
     from .utils import atomic_path, write_json
     from .visualize import save_map_png
 
     paths = _expand_inputs(args.inputs)
-    predictor = load(args.run, device=args.device)
+    predictor = Predictor(args.run, backend=args.backend, device=args.device, threshold=args.threshold,
+                          warmup=False)
     res = predictor.predict([str(p) for p in paths])  # reads every image before writing anything
     out = Path(args.out)
     names = _unique_names(paths)
-    # Colour scale of the map PNGs: 0 .. twice the largest score seen on the training images.
-    vmax = float(predictor.config.get("normal_scores", {}).get("max", 0.0)) * 2 or float(res.anomaly_map.max())
-    rows = [{"path": str(p), "score": float(s), "map": f"maps/{n}.png"}
-            for p, s, n in zip(paths, res.score, names)]
+    # Colour scale of the map PNGs: 0 .. twice the threshold (or the largest score seen).
+    vmax = 2 * predictor.image_threshold if predictor.image_threshold else float(res.anomaly_maps.max())
+    rows = []
+    for p, s, flag, regions, n in zip(paths, res.scores, res.is_anomalous, res.regions, names):
+        rows.append({"path": str(p), "score": float(s), "anomalous": bool(flag), "regions": len(regions),
+                     "map": f"maps/{n}.png"})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["path", "score", "map"])
+    writer = csv.DictWriter(buf, fieldnames=["path", "score", "anomalous", "regions", "map"])
     writer.writeheader()
     writer.writerows(rows)
-    for name, amap in zip(names, res.anomaly_map):
+    for name, amap, mask in zip(names, res.anomaly_maps, res.masks):
         save_map_png(out / "maps" / f"{name}.png", amap, 0.0, vmax)
+        if args.save_masks:
+            with atomic_path(out / "masks" / f"{name}.png") as tmp:
+                Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
         if args.save_npy:
             with atomic_path(out / "maps" / f"{name}.npy") as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, amap.astype(np.float32))
     with atomic_path(out / "scores.csv") as tmp:
         tmp.write_text(buf.getvalue())
-    write_json(out / "scores.json", {"run": str(Path(args.run).resolve()), "map_vmax": vmax, "images": rows})
+    details = [{**row, "regions": [r._asdict() for r in regs]} for row, regs in zip(rows, res.regions)]
+    write_json(out / "scores.json", {"model": str(Path(args.run).resolve()), "backend": predictor.backend,
+                                     "threshold": predictor.image_threshold, "map_vmax": vmax, "images": details})
     for r in rows:
-        print(f"{r['score']:.5f}  {r['path']}")
+        flag = "ANOMALOUS" if r["anomalous"] else "ok"
+        print(f"{r['score']:.5f}  {flag:9s}  {r['path']}")
     print(f"{len(rows)} images -> {out / 'scores.csv'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fastad.export import check_onnx, export_engine, export_onnx
+
+    t0 = time.perf_counter()
+    if args.format == "onnx":
+        side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
+        print("\n".join(check_onnx(args.out, batch=args.max_batch).lines()))
+    else:
+        side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
+                             opt_batch=args.opt_batch, max_batch=args.max_batch,
+                             timing_cache=args.timing_cache, keep_onnx=args.keep_onnx)
+    print(f"exported {side['precision']} {args.format} in {time.perf_counter() - t0:.0f} s -> {args.out} "
+          f"(+ {Path(args.out).name}.json)")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from fastad.export import check_onnx
+
+    if not Path(args.model).is_file():
+        raise FastADError(f"no such file: {args.model}")
+    report = check_onnx(args.model, batch=args.batch)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    from fastad.bench.runtime import markdown_table, run_bench, write_outputs
+
+    for path in (args.json, args.md, args.png):
+        if path and Path(path).is_dir():
+            raise FastADError(f"{path} is a directory")
+    result = run_bench(args.run, _csv_list(args.backend), args.batch, device=args.device, data=args.data,
+                       rounds=args.rounds, max_seconds=args.max_seconds, onnx=args.onnx, engine=args.engine,
+                       command="fastad " + " ".join(args.argv))
+    write_outputs(result, args.json, args.md, args.png)
+    print(markdown_table(result), end="")
     return 0
 
 
@@ -190,13 +254,50 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="score images with a trained run")
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("predict", help="score images with a run directory, an .onnx or a TensorRT .engine")
+    p.add_argument("--run", required=True, help="run directory, exported .onnx, or .engine")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="output directory (scores.csv, scores.json, maps/)")
+    p.add_argument("--backend", default="auto", help="auto, torch, torch-lean, triton, onnx, tensorrt")
+    p.add_argument("--threshold", type=float, help="image/pixel threshold (default: from the run or sidecar)")
+    p.add_argument("--save-masks", action="store_true", help="also save binary masks (original image size)")
     p.add_argument("--save-npy", action="store_true", help="also save the raw float maps as .npy")
     common(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run to ONNX or a TensorRT engine")
+    p.add_argument("--run", required=True, help="run directory written by fastad train")
+    p.add_argument("--format", required=True, choices=["onnx", "engine"])
+    p.add_argument("--out", required=True, help="model.onnx or model.engine (a .json sidecar is written next to it)")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
+    p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")
+    p.add_argument("--opt-batch", type=_positive_int, default=8, help="engine profile: batch tuned for")
+    p.add_argument("--max-batch", type=_positive_int, default=32,
+                   help="engine profile maximum; also the batch the ONNX check sizes tensors at")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
+    p.add_argument("--keep-onnx", action="store_true", help="engine: keep the intermediate ONNX next to it")
+    p.set_defaults(func=cmd_export, quiet=False)
+
+    p = sub.add_parser("check", help="check an ONNX model against TensorRT's supported ops and limits")
+    p.add_argument("model", help="model.onnx")
+    p.add_argument("--batch", type=_positive_int, default=32, help="largest batch to size tensors at")
+    p.set_defaults(func=cmd_check, quiet=False)
+
+    p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes")
+    p.add_argument("--run", required=True, help="run directory written by fastad train")
+    p.add_argument("--backend", default="torch,onnx", help="comma-separated: torch, torch-lean, triton, onnx, tensorrt")
+    p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--json", help="write the JSON result here")
+    p.add_argument("--md", help="write a Markdown table here")
+    p.add_argument("--png", help="write a throughput/latency plot here")
+    p.add_argument("--data", help="time on this dataset's test images (default: seeded noise)")
+    p.add_argument("--rounds", type=_positive_int, help="timed rounds per batch size (default: until --max-seconds)")
+    p.add_argument("--max-seconds", type=_positive_float, default=60.0, help="time budget per batch size (default 60)")
+    p.add_argument("--onnx", help="use this .onnx instead of exporting the run")
+    p.add_argument("--engine", help="use this TensorRT engine instead of building one")
+    common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train and evaluate on the embedded offline demo dataset")
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -207,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fastad" / "inductor"))

@@ -119,6 +119,7 @@ class OnnxEngine:
         providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: fp16 graphs make the optimiser chatty
         if threads:
             opts.intra_op_num_threads = threads
         try:
