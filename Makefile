@@ -46,5 +46,15 @@ cpp:
 	cmake --build build
 	./build/fastad_postprocess_example
 
+# Export the bottle run, check ONNX parity on the whole test set, benchmark torch vs onnxruntime.
+bottle-deploy: install
+	$(VENV)/bin/fastad export --run runs/bottle --format onnx --out runs/bottle-export/bottle.onnx
+	$(VENV)/bin/fastad export --run runs/bottle --format onnx --out runs/bottle-export/bottle16.onnx --fp16
+	$(PY) -m fastad.bench.parity --run runs/bottle --data $(BOTTLE) --model runs/bottle-export/bottle.onnx \
+		--model runs/bottle-export/bottle16.onnx --json bench/results/onnx_parity_bottle_cpu.json
+	$(VENV)/bin/fastad bench --run runs/bottle --backend torch,torch-lean,onnx --batch 1,8 --rounds 5 \
+		--onnx runs/bottle-export/bottle.onnx --json bench/results/runtime_cpu.json \
+		--md bench/results/runtime_cpu.md --png bench/results/runtime_cpu.png
+
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache build fastad/_postprocess*.so

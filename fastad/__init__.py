@@ -12,4 +12,13 @@ def load(run_dir, device: str = "auto", backend: str | None = None):
     return _load(run_dir, device=device, backend=backend)
 
 
-__all__ = ["FastADError", "load", "__version__"]
+def __getattr__(name):
+    # Lazy: `import fastad` stays light (no torch import) until the runtime is used.
+    if name == "Predictor":
+        from .runtime import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'fastad' has no attribute {name!r}")
+
+
+__all__ = ["FastADError", "Predictor", "load", "__version__"]
