@@ -177,6 +177,7 @@ void upsample_bilinear(const float* input, int batch, int in_height, int in_widt
 std::vector<double> gaussian_kernel1d(double sigma, double truncate) {
   require(std::isfinite(sigma) && sigma > 0, "gaussian_blur sigma must be finite and > 0");
   require(std::isfinite(truncate) && truncate >= 0, "gaussian_blur truncate must be finite and >= 0");
+  require(truncate * sigma < 1e7, "gaussian_blur sigma * truncate (the kernel radius) must be < 1e7");
   const int radius = static_cast<int>(truncate * sigma + 0.5);
   // scipy: exp(-0.5 / sigma**2 * x**2) / sum
   std::vector<double> kernel(2 * static_cast<std::size_t>(radius) + 1);

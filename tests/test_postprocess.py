@@ -225,6 +225,7 @@ BAD_CALLS = {
     "blur sigma nan": lambda b: pp.gaussian_blur(GOOD, float("nan"), backend=b),
     "blur sigma 0": lambda b: pp.gaussian_blur(GOOD, 0.0, backend=b),
     "blur truncate inf": lambda b: pp.gaussian_blur(GOOD, 4.0, float("inf"), backend=b),
+    "blur radius huge": lambda b: pp.gaussian_blur(GOOD, 1e8, backend=b),
     "upsample 1-D": lambda b: pp.upsample_bilinear(np.zeros(3, np.float32), (4, 4), backend=b),
     "upsample empty": lambda b: pp.upsample_bilinear(np.zeros((0, 4, 4), np.float32), (4, 4), backend=b),
     "upsample size 0": lambda b: pp.upsample_bilinear(GOOD, (0, 4), backend=b),
