@@ -67,39 +67,43 @@ int reflect_index(int i, int size) {
 
 // Filters every column of one map (scipy's axis 0). Row-wise accumulation keeps the inner loop
 // contiguous; per pixel the sum is formed in scipy's order: w0*x[i] + sum_j (x[i-j]+x[i+j])*w[j].
+// Hot loops index with std::ptrdiff_t: with 32-bit ints under -fwrapv (Python's default CFLAGS)
+// the compiler cannot prove x - j does not wrap and stops vectorising (measured 1.5x slower).
 void blur_axis0(const float* in, int height, int width, const std::vector<double>& kernel,
                 float* out, std::vector<double>& acc) {
-  const int radius = static_cast<int>(kernel.size() / 2);
+  const std::ptrdiff_t radius = static_cast<std::ptrdiff_t>(kernel.size() / 2), w_ = width;
   const double* w = kernel.data() + radius;  // w[j] for j in [-radius, radius]
+  double* a = acc.data();
   for (int y = 0; y < height; ++y) {
-    const float* center = in + static_cast<std::size_t>(y) * width;
-    for (int x = 0; x < width; ++x) acc[x] = static_cast<double>(center[x]) * w[0];
-    for (int j = 1; j <= radius; ++j) {
-      const float* up = in + static_cast<std::size_t>(reflect_index(y - j, height)) * width;
-      const float* down = in + static_cast<std::size_t>(reflect_index(y + j, height)) * width;
-      for (int x = 0; x < width; ++x)
-        acc[x] += (static_cast<double>(up[x]) + static_cast<double>(down[x])) * w[j];
+    const float* center = in + y * w_;
+    for (std::ptrdiff_t x = 0; x < w_; ++x) a[x] = static_cast<double>(center[x]) * w[0];
+    for (std::ptrdiff_t j = 1; j <= radius; ++j) {
+      const float* up = in + reflect_index(y - static_cast<int>(j), height) * w_;
+      const float* down = in + reflect_index(y + static_cast<int>(j), height) * w_;
+      for (std::ptrdiff_t x = 0; x < w_; ++x)
+        a[x] += (static_cast<double>(up[x]) + static_cast<double>(down[x])) * w[j];
     }
-    float* row = out + static_cast<std::size_t>(y) * width;
-    for (int x = 0; x < width; ++x) row[x] = static_cast<float>(acc[x]);
+    float* row = out + y * w_;
+    for (std::ptrdiff_t x = 0; x < w_; ++x) row[x] = static_cast<float>(a[x]);
   }
 }
 
 // Filters every row of one map (scipy's axis 1) through a reflect-extended line buffer.
 void blur_axis1(const float* in, int height, int width, const std::vector<double>& kernel,
                 float* out, std::vector<double>& line, std::vector<double>& acc) {
-  const int radius = static_cast<int>(kernel.size() / 2);
+  const std::ptrdiff_t radius = static_cast<std::ptrdiff_t>(kernel.size() / 2), w_ = width;
   const double* w = kernel.data() + radius;
+  double* a = acc.data();
   for (int y = 0; y < height; ++y) {
-    const float* row = in + static_cast<std::size_t>(y) * width;
-    for (int i = -radius; i < width + radius; ++i)
-      line[i + radius] = static_cast<double>(row[reflect_index(i, width)]);
+    const float* row = in + y * w_;
+    for (std::ptrdiff_t i = -radius; i < w_ + radius; ++i)
+      line[i + radius] = static_cast<double>(row[reflect_index(static_cast<int>(i), width)]);
     const double* center = line.data() + radius;
-    for (int x = 0; x < width; ++x) acc[x] = center[x] * w[0];
-    for (int j = 1; j <= radius; ++j)
-      for (int x = 0; x < width; ++x) acc[x] += (center[x - j] + center[x + j]) * w[j];
-    float* out_row = out + static_cast<std::size_t>(y) * width;
-    for (int x = 0; x < width; ++x) out_row[x] = static_cast<float>(acc[x]);
+    for (std::ptrdiff_t x = 0; x < w_; ++x) a[x] = center[x] * w[0];
+    for (std::ptrdiff_t j = 1; j <= radius; ++j)
+      for (std::ptrdiff_t x = 0; x < w_; ++x) a[x] += (center[x - j] + center[x + j]) * w[j];
+    float* out_row = out + y * w_;
+    for (std::ptrdiff_t x = 0; x < w_; ++x) out_row[x] = static_cast<float>(a[x]);
   }
 }
 
@@ -173,6 +177,7 @@ void upsample_bilinear(const float* input, int batch, int in_height, int in_widt
 std::vector<double> gaussian_kernel1d(double sigma, double truncate) {
   require(std::isfinite(sigma) && sigma > 0, "gaussian_blur sigma must be finite and > 0");
   require(std::isfinite(truncate) && truncate >= 0, "gaussian_blur truncate must be finite and >= 0");
+  require(truncate * sigma < 1e7, "gaussian_blur sigma * truncate (the kernel radius) must be < 1e7");
   const int radius = static_cast<int>(truncate * sigma + 0.5);
   // scipy: exp(-0.5 / sigma**2 * x**2) / sum
   std::vector<double> kernel(2 * static_cast<std::size_t>(radius) + 1);

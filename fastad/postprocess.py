@@ -29,6 +29,7 @@ except ImportError:  # not built (no compiler at install time): the numpy/scipy 
     _cpp = None
 
 BACKENDS = ("auto", "python", "cpp")
+MAX_BLUR_RADIUS = 1e7  # keeps the C++ kernel radius a valid int (same limit in csrc/postprocess.cpp)
 
 
 def _default_backend() -> str:
@@ -125,6 +126,9 @@ def gaussian_blur(maps: np.ndarray, sigma: float = 4.0, truncate: float = 4.0,
     maps, single = _as_maps(maps)
     sigma = _as_finite(sigma, "sigma", minimum=0.0, strict=True)
     truncate = _as_finite(truncate, "truncate", minimum=0.0)
+    if sigma * truncate >= MAX_BLUR_RADIUS:
+        raise ValueError(f"sigma * truncate (the kernel radius) must be < {MAX_BLUR_RADIUS:g}, "
+                         f"got {sigma * truncate:g}")
     if _pick(backend) == "cpp":
         out = _cpp.gaussian_blur(maps, sigma, truncate)
     else:
