@@ -156,7 +156,7 @@ def test_cli_predict(capsys, tiny_run, demo_data, tmp_path):
                              demo_data / "test" / "good" / "000.png", "--out", out_dir, "--device", "cpu")
     assert code == 0, err
     lines = (out_dir / "scores.csv").read_text().splitlines()
-    assert lines[0] == "path,score,map" and len(lines) == 4
+    assert lines[0] == "path,score,anomalous,regions,map" and len(lines) == 4
     assert len(list((out_dir / "maps").glob("*.png"))) == 3
     assert len(json.loads((out_dir / "scores.json").read_text())["images"]) == 3
 
