@@ -138,7 +138,8 @@ def test_training_on_toy_case_separates_anomalous_regions(one_thread):
     torch.manual_seed(0)
     cfg = tiny_cfg(alpha=0.5)
     model = ADTR(cfg, RandomBackbone())
-    normal = torch.ones(6, 16, 16) + 0.05 * torch.randn(6, 16, 16)
+    pattern = torch.randn(1, 16, 16)
+    normal = pattern * torch.linspace(0.5, 1.5, 6).view(6, 1, 1)  # input-dependent: the mean does not fit
     anomalous = normal[:2].clone()
     y = torch.zeros(2, 16)
     y[:, 5] = 1
@@ -151,14 +152,14 @@ def test_training_on_toy_case_separates_anomalous_regions(one_thread):
             return (pseudo_huber_score(normal, model.reconstruct(normal)).mean(),
                     pseudo_huber_score(anomalous, model.reconstruct(anomalous))[:, 5].mean())
     n0, a0 = phis()
-    for _ in range(60):
+    for _ in range(40):
         phi = pseudo_huber_score(torch.cat([normal, anomalous]), model.reconstruct(torch.cat([normal, anomalous])))
         loss = anomaly_available_loss(phi[:6], phi[6:], y, None, cfg).total
         opt.zero_grad()
         loss.backward()
         opt.step()
     n1, a1 = phis()
-    assert n1 < n0 and a1 > a0
+    assert n1 < 0.9 * n0 and a1 > a0
 
 
 def test_reconstruction_of_constant_pattern_converges(one_thread):
@@ -229,3 +230,39 @@ def test_model_scoring_through_kernels_equals_reference(backend):
     assert torch.allclose(fast_map, ref_map, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fast_score, ref_score, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(fast_score).all()
+
+
+# ---- export contract: standard ops, dynamic batch, ONNX opset 17 ------------------------------------
+class ConvBackbone(torch.nn.Module):
+    """A traceable stand-in backbone: strides 4 and 8."""
+    strides = (4, 8)
+    channels = [6, 10]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 6, 4, stride=4)
+        self.b = torch.nn.Conv2d(6, 10, 2, stride=2)
+
+    def forward(self, x):
+        f1 = self.a(x)
+        return [f1, self.b(f1)]
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = ADTR(tiny_cfg(), ConvBackbone()).eval()
+    model.fit_normalisation(model.tokens(torch.rand(4, 3, 32, 32)))
+    torch.nn.init.normal_(model.transformer.output_proj.weight, std=0.1)  # non-trivial reconstruction
+    path = tmp_path / "adtr.onnx"
+    with torch.inference_mode():
+        torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(path), input_names=["images"],
+                          output_names=["anomaly_map", "score"], opset_version=17, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}})
+    sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 3, 32, 32)
+    amap, score = sess.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        ref_map, ref_score = model(x)
+    assert np.allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-5)
