@@ -310,7 +310,7 @@ def resolve_config(config_cls, family: str, out: Path, resume: bool, overrides: 
         saved = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists() else \
             json.loads((out / CKPT_STATE_FILE).read_text())["run"]
         if saved.get("model", "fod") != family:
-            raise FastADError(f"cannot resume {out} as {family}: it holds a {saved.get('model')} run")
+            raise FastADError(f"cannot resume {out} as {family}: it is a {saved.get('model')} run")
         cfg = config_cls.from_dict(saved["config"])
         changed = {k: (getattr(cfg, k), v) for k, v in overrides.items() if k not in ("epochs",)
                    and getattr(cfg, k) != v}

@@ -104,7 +104,7 @@ def test_reproducible_and_resume(data, adtr_run, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_family(data, adtr_run):
-    with pytest.raises(FastADError, match="holds a adtr run"):
+    with pytest.raises(FastADError, match="it is a adtr run"):
         train(data, adtr_run, model="fod", resume=True, progress=False)
 
 
