@@ -21,8 +21,12 @@ from safetensors.torch import load_file
 from .backbones import FeatureExtractor
 from .data.images import prepare_images
 from .errors import FastADError
+from .models.adtr import ADTR, ADTRConfig
 from .models.fod import FOD, FODConfig
 from .train import CONFIG_FILE, WEIGHTS_FILE, resolve_device
+
+# "model" key of a run's config.json -> (config class, model class)
+FAMILIES = {"fod": (FODConfig, FOD), "adtr": (ADTRConfig, ADTR)}
 
 
 class Prediction(NamedTuple):
@@ -46,14 +50,16 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return conf
 
 
-def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD, dict]:
-    """Rebuild the model of a run directory, checking weights against config. -> (model, config)."""
+def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | ADTR, dict]:
+    """Rebuild the model of a run directory (any family in FAMILIES), checking weights against
+    config. -> (model, config)."""
     run = Path(run_dir)
     conf = read_run_config(run)
-    if conf.get("model") != "fod":
-        raise FastADError(f"{run}: unsupported model {conf.get('model')!r}")
+    if conf.get("model") not in FAMILIES:
+        raise FastADError(f"{run}: unsupported model {conf.get('model')!r} (known: {', '.join(FAMILIES)})")
+    config_cls, model_cls = FAMILIES[conf["model"]]
     try:
-        cfg = FODConfig.from_dict(conf["config"])
+        cfg = config_cls.from_dict(conf["config"])
     except (TypeError, ValueError) as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
     try:
@@ -66,7 +72,10 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD, d
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
     if list(cfg.strides) != list(backbone.strides):
         raise FastADError(f"{run}: config strides {cfg.strides} do not match the backbone's {backbone.strides}")
-    model = FOD(cfg, backbone)
+    try:
+        model = model_cls(cfg, backbone)
+    except ValueError as e:
+        raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -76,13 +85,14 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD, d
     return model.to(resolve_device(device)).eval(), conf
 
 
-class FODPredictor:
-    """A trained FOD model ready for inference. Thread-safe: calls are serialised per instance."""
+class Predictor:
+    """A trained model (FOD or ADTR) ready for inference. Thread-safe: calls are serialised per
+    instance."""
 
-    def __init__(self, model: FOD, config: dict):
+    def __init__(self, model: FOD | ADTR, config: dict):
         self.model = model.eval()
         self.config = config
-        self.cfg: FODConfig = model.cfg
+        self.cfg: FODConfig | ADTRConfig = model.cfg
         self.device = next(model.parameters()).device
         self._lock = threading.Lock()
 
@@ -105,15 +115,20 @@ class FODPredictor:
 
     def __repr__(self) -> str:
         bb = self.config["backbone"]
-        return f"FODPredictor(backbone={bb['name']!r}, size={self.image_size}, device={self.device})"
+        return (f"{type(self).__name__}(model={self.config.get('model')!r}, backbone={bb['name']!r}, "
+                f"size={self.image_size}, device={self.device})")
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None = None) -> FODPredictor:
-    """Load a run directory written by `fastad train` for inference.
+FODPredictor = Predictor  # the name from before ADTR existed
+
+
+def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None = None) -> Predictor:
+    """Load a run directory written by `fastad train` (FOD or ADTR) for inference.
 
     backend: None (the model's reference ops), or "auto" / "triton" / "torch" to score through
-    fastad.kernels (fused Triton I2Correlation on CUDA; memory-lean torch blocks elsewhere)."""
+    fastad.kernels (FOD: fused Triton I2Correlation on CUDA, memory-lean torch blocks elsewhere;
+    ADTR: the fused L2 feature distance)."""
     model, conf = load_model(run_dir, device)
     if backend is not None:
         model.use_kernels(backend)
-    return FODPredictor(model, conf)
+    return Predictor(model, conf)

@@ -1,4 +1,4 @@
-"""The `fastad` command: train, eval, predict, export, check, bench, demo.
+"""The `fastad` command: train (FOD or ADTR), eval, predict, export, check, bench, demo.
 
 User mistakes (bad paths, corrupt images, mismatched runs, bad values) raise FastADError and
 end as one line `error: …` on stderr with exit status 2 — never a traceback. Outputs are
@@ -43,15 +43,22 @@ def _positive_float(text: str) -> float:
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from .train import train_fod
+ADTR_ONLY = ("anomalies", "anomaly_labels", "anomaly_masks", "synthetic")
 
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    extra = {k: getattr(args, k) for k in ADTR_ONLY if getattr(args, k) is not None}
+    if args.model != "adtr" and extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise FastADError(f"{flags} only apply to --model adtr (anomaly-available training)")
     t0 = time.perf_counter()
-    out = train_fod(args.data, args.out, layout=args.layout, epochs=args.epochs, backbone=args.backbone,
-                    weights=args.weights, device=args.device, batch_size=args.batch_size, lr=args.lr,
-                    seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.quiet)
-    print(f"trained FOD in {time.perf_counter() - t0:.0f} s -> {out}")
+    out = train(args.data, args.out, model=args.model, layout=args.layout, epochs=args.epochs,
+                backbone=args.backbone, weights=args.weights, device=args.device,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
+                overwrite=args.overwrite, progress=not args.quiet, **extra)
+    print(f"trained {args.model.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
 
 
@@ -69,8 +76,9 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_run
 
     predictor = load(args.run, device=args.device)
+    exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
-                          overlays=args.overlays, progress=not args.quiet)
+                          overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
     _print_metrics(result)
     if args.report:
         print(f"report -> {args.report}")
@@ -229,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train a model on the normal images of a dataset")
-    p.add_argument("--model", default="fod", choices=["fod"], help="model family (default fod)")
+    p.add_argument("--model", default="fod", choices=["fod", "adtr"], help="model family (default fod)")
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")
@@ -242,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g = p.add_argument_group("anomaly-available training (--model adtr)")
+    g.add_argument("--anomalies", metavar="DIR",
+                   help="folder of labelled anomalous images (masks in DIR/masks, or --anomaly-masks)")
+    g.add_argument("--anomaly-labels", choices=["image", "pixel"],
+                   help="use the anomalies' masks (pixel) or only their label (image); default: pixel "
+                        "when every image has a mask, else image")
+    g.add_argument("--anomaly-masks", metavar="DIR", help="mask folder for --anomalies (<stem>.png or <stem>_mask.png)")
+    g.add_argument("--synthetic", choices=["confetti", "perlin", "cutpaste"],
+                   help="add synthetic anomalies (with masks) made from the training images")
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -251,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUT_CHOICES)
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--overlays", help="write heatmap overlay PNGs into this directory")
+    p.add_argument("--exclude-defects", metavar="NAMES",
+                   help="comma-separated defect types to leave out of the test set (e.g. the type "
+                        "whose images were given to anomaly-available training)")
     common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -10,14 +10,24 @@ import torch
 
 from .data.dataset import AnomalyDataset
 from .data.layouts import list_samples
+from .errors import FastADError
 from .metrics import evaluate
 from .utils import write_json
 
 
-def load_test_set(data, layout: str | None, resize: int, crop: int):
+def load_test_set(data, layout: str | None, resize: int, crop: int, exclude_defects=()):
     """-> (samples, images (n, 3, S, S), masks (n, S, S) bool). Reads everything up front, so a
-    bad file fails before any output is written."""
+    bad file fails before any output is written. `exclude_defects`: defect types to leave out."""
     samples = list_samples(data, "test", layout=layout)
+    if exclude_defects:
+        known = sorted({s.defect for s in samples})
+        unknown = [d for d in exclude_defects if d not in known]
+        if unknown:
+            raise FastADError(f"--exclude-defects {', '.join(unknown)}: no such defect type in the test set "
+                              f"(found: {', '.join(known)})")
+        samples = [s for s in samples if s.defect not in set(exclude_defects)]
+        if not samples:
+            raise FastADError("--exclude-defects leaves no test images")
     items = [AnomalyDataset(samples, resize, crop)[i] for i in range(len(samples))]
     images = torch.stack([it["image"] for it in items])
     masks = torch.stack([it["mask"][0] > 0.5 for it in items])
@@ -34,7 +44,7 @@ def _overlay_name(sample, root: Path) -> str:
 
 def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = None,
                  report: str | os.PathLike | None = None, overlays: str | os.PathLike | None = None,
-                 batch_size: int = 16, progress: bool = True) -> dict:
+                 batch_size: int = 16, progress: bool = True, exclude_defects=()) -> dict:
     """Predict every test image, compute metrics (overall and per defect) and write the JSON
     `report` (and overlay PNGs into `overlays`) — outputs only after everything succeeded."""
     from tqdm.auto import tqdm
@@ -42,7 +52,7 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
     from .visualize import save_overlay
 
     cfg = predictor.cfg
-    samples, images, masks = load_test_set(data, layout, cfg.resize, cfg.crop)
+    samples, images, masks = load_test_set(data, layout, cfg.resize, cfg.crop, exclude_defects)
     t0 = time.perf_counter()
     scores, maps = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch",
@@ -57,6 +67,7 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
     result = evaluate(labels, scores, masks if has_masks else None, maps if has_masks else None,
                       defects=[s.defect for s in samples])
     result["data"] = str(Path(data).resolve())
+    result["excluded_defects"] = sorted(exclude_defects)
     result["inference_seconds"] = round(seconds, 2)
     result["images"] = [{"path": s.path, "defect": s.defect, "label": int(s.label), "score": float(v)}
                         for s, v in zip(samples, scores)]

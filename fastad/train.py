@@ -1,6 +1,8 @@
 """Training: a plain PyTorch loop for the reference models (no framework).
 
-Read top-down: device/run-dir helpers → cached backbone tokens → checkpoint I/O → `train_fod`.
+Read top-down: device/run-dir helpers → cached backbone tokens → checkpoint I/O → `train` (per
+family dispatch) → `train_fod` → helpers shared with the other families' trainers (config
+resolution and resume rules, final run files, score statistics). ADTR's loop: `train_adtr.py`.
 
 A run directory holds everything needed to use the model later, nothing pickled:
     config.json          model config, backbone spec + fingerprint, training record
@@ -144,11 +146,11 @@ def load_checkpoint(out: Path, model: FOD, opt: torch.optim.Optimizer) -> dict:
     return record
 
 
-def run_config(model: FOD, extra: dict) -> dict:
+def run_config(model, extra: dict) -> dict:
     """The config.json of a run: enough to rebuild the model and check the weights match."""
     bb = model.backbone
     return {
-        "model": "fod",
+        "model": model.family,
         "fastad_version": __version__,
         "config": model.cfg.to_dict(),
         "backbone": {
@@ -166,8 +168,23 @@ def run_config(model: FOD, extra: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# The training loop
+# The training loops: one per model family (ADTR's in fastad/train_adtr.py)
 # --------------------------------------------------------------------------------------------
+MODELS = ("fod", "adtr")
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod", **kwargs) -> Path:
+    """Train a model family ("fod" or "adtr") on `data`, writing the run to `out`. Keyword arguments
+    are those of `train_fod` / `fastad.train_adtr.train_adtr`."""
+    if model == "fod":
+        return train_fod(data, out, **kwargs)
+    if model == "adtr":
+        from .train_adtr import train_adtr
+
+        return train_adtr(data, out, **kwargs)
+    raise FastADError(f"unknown model {model!r} (use {', '.join(MODELS)})")
+
+
 def train_fod(
     data: str | os.PathLike,
     out: str | os.PathLike,
@@ -199,22 +216,8 @@ def train_fod(
         compile_stats = os.environ.get("FASTAD_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
     _check_run_dir(out, resume, overwrite)
     dev = resolve_device(device)
-    overrides = {k: v for k, v in dict(epochs=epochs, backbone=backbone, batch_size=batch_size,
-                                         lr=lr, seed=seed).items() if v is not None}
-    if resume:
-        saved = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists() else \
-            json.loads((out / CKPT_STATE_FILE).read_text())["run"]
-        cfg = FODConfig.from_dict(saved["config"])
-        changed = {k: (getattr(cfg, k), v) for k, v in overrides.items() if k not in ("epochs",)
-                   and getattr(cfg, k) != v}
-        if changed:
-            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise FastADError(f"cannot resume {out} with a different config ({what}); only --epochs may change")
-        cfg = replace(cfg, epochs=overrides.get("epochs", cfg.epochs))
-    else:
-        cfg = replace(config or FODConfig(), **overrides)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise FastADError(f"epochs and batch size must be >= 1 and lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    overrides = dict(epochs=epochs, backbone=backbone, batch_size=batch_size, lr=lr, seed=seed)
+    cfg, saved = resolve_config(FODConfig, "fod", out, resume, overrides, config)
 
     # Everything that can fail on user input happens before the first byte is written.
     samples = list_samples(data, "train", layout=layout)
@@ -222,10 +225,7 @@ def train_fod(
     extractor = FeatureExtractor(cfg.backbone, cfg.strides, weights=weights)
     model = FOD(cfg, extractor).to(dev)
     if resume:
-        saved_fp = saved["backbone"]["fingerprint"]
-        if saved_fp != extractor.fingerprint():
-            raise FastADError(f"cannot resume {out}: its backbone weights ({saved['backbone']['weights_source']}) "
-                              f"differ from the ones loaded now ({extractor.weights_source})")
+        check_resume_backbone(out, saved, extractor)
     t0 = time.perf_counter()
     tokens = cache_tokens(model, samples, dev, progress=progress)
     feature_seconds = time.perf_counter() - t0
@@ -294,11 +294,56 @@ def train_fod(
     normal = normal_score_stats(model, tokens, dev)
     training = {**meta, "epochs_done": cfg.epochs, "feature_seconds": round(feature_seconds, 2),
                 "train_seconds": round(train_seconds, 2), "history": history}
+    write_run(out, model, training, normal)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the trainers of every model family
+# --------------------------------------------------------------------------------------------
+def resolve_config(config_cls, family: str, out: Path, resume: bool, overrides: dict, config=None):
+    """The run's config: `config` (or the class defaults) with the non-None `overrides`, or, with
+    `resume`, the saved config where only `epochs` may change. -> (cfg, saved run config | None)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    saved = None
+    if resume:
+        saved = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists() else \
+            json.loads((out / CKPT_STATE_FILE).read_text())["run"]
+        if saved.get("model", "fod") != family:
+            raise FastADError(f"cannot resume {out} as {family}: it is a {saved.get('model')} run")
+        cfg = config_cls.from_dict(saved["config"])
+        changed = {k: (getattr(cfg, k), v) for k, v in overrides.items() if k not in ("epochs",)
+                   and getattr(cfg, k) != v}
+        if changed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise FastADError(f"cannot resume {out} with a different config ({what}); only --epochs may change")
+        cfg = replace(cfg, epochs=overrides.get("epochs", cfg.epochs))
+    else:
+        cfg = replace(config or config_cls(), **overrides)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise FastADError(f"epochs and batch size must be >= 1 and lr > 0 (got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
+    return cfg, saved
+
+
+def check_resume_backbone(out: Path, saved: dict, extractor: FeatureExtractor) -> None:
+    if saved["backbone"]["fingerprint"] != extractor.fingerprint():
+        raise FastADError(f"cannot resume {out}: its backbone weights ({saved['backbone']['weights_source']}) "
+                          f"differ from the ones loaded now ({extractor.weights_source})")
+
+
+def write_run(out: Path, model, training: dict, normal: dict) -> None:
+    """The final run files: model.safetensors (backbone included) and config.json, atomically."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(model_state(model), str(tmp), metadata={"format": "fastad-fod", "version": __version__})
+        save_file(model_state(model), str(tmp), metadata={"format": f"fastad-{model.family}", "version": __version__})
     write_json(out / CONFIG_FILE, run_config(model, {"training": training, "normal_scores": normal}))
-    return out
+
+
+def score_stats(scores) -> dict:
+    """Statistics of image scores on normal training images (the `normal_scores` of a run)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return {"num_images": int(s.size), "mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
+            "p99": float(np.percentile(s, 99))}
 
 
 @torch.no_grad()
@@ -312,9 +357,7 @@ def normal_score_stats(model: FOD, tokens: list[torch.Tensor], device: torch.dev
         batch = [t[start:min(start + batch_size, n)].to(device) for t in tokens]
         amap = model.anomaly_map(model.patch_scores(batch))
         scores.append(amap.flatten(1).amax(1).float().cpu())
-    s = torch.cat(scores).numpy().astype(np.float64)
-    return {"num_images": int(n), "mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
-            "p99": float(np.percentile(s, 99))}
+    return score_stats(torch.cat(scores).numpy())
 
 
 def _tensor_digest(model: FOD) -> str:

@@ -66,3 +66,28 @@ def test_multi_level_map():
     assert torch.allclose(summed, 2 * got, atol=1e-5)
     with pytest.raises(ValueError, match="grid"):
         multi_level_distance_map(lv, [(3, 3), (2, 2)], (32, 32))
+
+
+@pytest.mark.skipif(not CAN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c", [40, 176, 300])
+def test_triton_l2_matches_plain(dtype, c):
+    """ADTR's metric: sqrt(Σ_c (x − x̂)²), optionally weighted."""
+    g = torch.Generator().manual_seed(c + 1)
+    x = (torch.randn(2, 37, c, generator=g) * 3).to(DEVICE, dtype)
+    xh = (x.float() + torch.randn(2, 37, c, generator=g).to(DEVICE)).to(dtype)
+    w = torch.rand(2, 37, generator=g).to(DEVICE)
+    atol, rtol = TOL[dtype]
+    for weight in (None, w):
+        got = feature_distance_triton(x, xh, weight, metric="l2").double()
+        want = (x.double() - xh.double()).pow(2).sum(-1).sqrt()
+        want = want if weight is None else want * weight.double()
+        assert torch.allclose(got, want, atol=atol, rtol=rtol), (got - want).abs().max()
+
+
+def test_l2_torch_path_and_bad_metric():
+    x, xh = torch.randn(2, 50, 40), torch.randn(2, 50, 40)
+    assert torch.allclose(feature_distance_map(x, xh, metric="l2", backend="torch"), (x - xh).norm(dim=-1), atol=1e-5)
+    assert torch.isfinite(feature_distance_map(x, x, metric="l2", backend="torch")).all()
+    with pytest.raises(ValueError, match="metric"):
+        feature_distance_map(x, xh, metric="cosine")

@@ -413,3 +413,42 @@ def list_samples(
     if layout not in _READERS:
         raise FastADError(f"unknown dataset layout '{layout}': expected one of {', '.join(LAYOUTS)}")
     return _READERS[layout](root, split, require_masks)
+
+
+# ----------------------------------------------------------------------------- labelled anomalies
+
+ANOMALY_MASK_DIRS = ("masks", "mask", "ground_truth")
+
+
+def list_anomaly_samples(
+    root: str | os.PathLike,
+    labels: str | None = None,
+    mask_dir: str | os.PathLike | None = None,
+) -> tuple[list[Sample], str]:
+    """Labelled anomalous images for anomaly-available training (ADTR+). -> (samples, labels).
+
+    `root` holds the anomalous images directly; masks (<stem>.png or <stem>_mask.png, any image
+    suffix) come from `mask_dir`, else from ROOT/masks, ROOT/mask or ROOT/ground_truth when present.
+    `labels`: "pixel" (every image needs a mask), "image" (masks ignored) or None (pixel when every
+    image has a mask, image when none has; a partial set is an error). Every sample has label 1.
+    """
+    if labels not in (None, "image", "pixel"):
+        raise FastADError(f"anomaly labels must be 'image' or 'pixel', got {labels!r}")
+    folder = _require_dir(root, "anomaly folder")
+    if mask_dir is not None:
+        masks = _require_dir(mask_dir, "anomaly mask folder")
+    else:
+        masks = next((folder / n for n in ANOMALY_MASK_DIRS if (folder / n).is_dir()), None)
+    images = _images_in(folder)
+    if not images:
+        raise FastADError(f"no anomalous images found in {folder} (images must be directly inside it)")
+    if labels == "image":
+        return [Sample(str(p), 1, "anomaly") for p in images], "image"
+    expected = f"{masks}/{{stem}}.png" if masks is not None else f"{folder}/masks/{{stem}}.png"
+    samples = _pair_masks(folder, 1, "anomaly", masks, labels == "pixel", expected)
+    with_mask = [s for s in samples if s.mask_path is not None]
+    if labels is None and 0 < len(with_mask) < len(samples):
+        missing = next(s for s in samples if s.mask_path is None)
+        raise FastADError(f"image without mask: {missing.path} has no mask in {masks} while other anomalous images "
+                          "have one (give every image a mask, or use --anomaly-labels image)")
+    return samples, "pixel" if with_mask else "image"

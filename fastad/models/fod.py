@@ -508,6 +508,8 @@ class FOD(nn.Module):
     the backbone) and returns (anomaly_map (B, S, S), score (B,)).
     """
 
+    family = "fod"  # the "model" key of a run's config.json
+
     def __init__(self, cfg: FODConfig, backbone: nn.Module):
         super().__init__()
         self.cfg = cfg
