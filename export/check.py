@@ -9,7 +9,8 @@ Reports, without needing TensorRT:
 - tensors with 2³¹ or more elements at the given batch (TensorRT indexes with int32: builds fail or
   give wrong outputs) — from ONNX shape inference with the batch axis fixed;
 - float64 tensors (TensorRT casts them down) and int64 values outside int32 range in constants
-  (TensorRT casts int64 to int32, clamping);
+  (TensorRT casts int64 to int32, clamping) — except Slice bounds, where ±INT64_MAX means "to
+  the end" and clamping is harmless;
 - Resize modes TensorRT does not implement, non-constant Conv weights, and a missing dynamic
   batch axis on the input.
 """
@@ -144,16 +145,23 @@ def check_onnx(model, batch: int = 32) -> CheckReport:
             if to == onnx.TensorProto.DOUBLE:
                 rep.warnings.append(f"{node.name}: Cast to float64 (TensorRT casts it down to float32)")
 
-    tensors = list(graph.initializer) + [n.attribute[0].t for n in graph.node
-                                         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
-    for t in tensors:
-        if t.data_type == onnx.TensorProto.INT64:
+    # Slice starts/ends of ±INT64_MAX mean "to the end": clamping them to int32 is harmless.
+    users: dict[str, set] = {}
+    for node in graph.node:
+        for pos, name in enumerate(node.input):
+            users.setdefault(name, set()).add((node.op_type, pos))
+    slice_bounds = {name for name, u in users.items() if u <= {("Slice", 1), ("Slice", 2)}}
+    tensors = [(t.name, t) for t in graph.initializer] + [
+        (n.output[0], n.attribute[0].t) for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
+    for name, t in tensors:
+        if t.data_type == onnx.TensorProto.INT64 and name not in slice_bounds:
             arr = numpy_helper.to_array(t)
             if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
-                rep.errors.append(f"int64 constant {t.name or '(Constant)'} has values outside int32 range "
+                rep.errors.append(f"int64 constant {name} has values outside int32 range "
                                   f"(TensorRT clamps them): [{arr.min()}, {arr.max()}]")
         if t.data_type == onnx.TensorProto.DOUBLE:
-            rep.warnings.append(f"float64 constant {t.name or '(Constant)'} (TensorRT casts it down)")
+            rep.warnings.append(f"float64 constant {name} (TensorRT casts it down)")
 
     if graph.input:
         dims = graph.input[0].type.tensor_type.shape.dim

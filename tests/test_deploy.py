@@ -390,3 +390,25 @@ def test_cli_bench_outputs(run_dir, onnx_path, tmp_path, capsys):
         assert r["max_abs_diff_map"] <= 1e-4 and r["max_abs_diff_score"] <= 1e-4
     assert md.read_text().count("\n| ") == 1 + 6 and png.read_bytes()[:4] == b"\x89PNG"
     assert_user_error(*run_cli(capsys, "bench", "--run", run_dir, "--backend", "openvino")[::2], "unknown backend")
+
+
+# --------------------------------------------------------------------------------------------
+# The same export and runtime path for ADTR runs
+# --------------------------------------------------------------------------------------------
+def test_adtr_run_exports_and_runs_everywhere(demo_data, tmp_path):
+    from fastad.models.adtr import ADTRConfig
+    from fastad.train_adtr import train_adtr
+
+    cfg = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ffn_dim=64, epochs=1,
+                     batch_size=4, resize=128, crop=128)
+    run = train_adtr(demo_data, tmp_path / "adtr", config=cfg, progress=False)
+    out = tmp_path / "adtr.onnx"
+    side = export_onnx(run, out)
+    assert side["model"] == "adtr" and side["trt_check"]["ok"]
+    x = np.random.default_rng(3).random((3, 3, 128, 128), dtype=np.float32)
+    ref_maps, ref_scores = Predictor(run, backend="torch", device="cpu").scores_and_maps(x)
+    for p in (Predictor(out, device="cpu"), Predictor(run, backend="torch-lean", device="cpu")):
+        maps, scores = p.scores_and_maps(x)
+        span = ref_maps.max() - ref_maps.min()
+        assert np.abs(maps - ref_maps).max() <= 1e-4 * span, p.backend
+        assert np.abs(scores - ref_scores).max() <= 1e-4 * span, p.backend
