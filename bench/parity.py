@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     batch = prepare_images([str(s.path) for s in samples], reference.resize, reference.crop).numpy()
     ref_maps, ref_scores = predict_all(reference, batch)
     span = float(ref_maps.max() - ref_maps.min())
-    result = {"device": device_name(args.device), "versions": versions(), "command": " ".join(sys.argv),
+    result = {"device": device_name(args.device), "versions": versions(), "command": "python -m fastad.bench.parity " + " ".join(sys.argv[1:]),
               "run": args.run, "data": args.data, "num_images": len(samples), "map_range": span,
               "reference_image_auroc": float(roc_auc_score(labels, ref_scores)), "models": []}
     for path in args.model:

@@ -2,7 +2,18 @@
 any kernel module is imported (triton.jit reads TRITON_INTERPRET at decoration time)."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A tiny offline demo dataset (8 train, 3 good + 2 per defect test images, 64 px), shared
+    by every test module that trains a tiny run."""
+    from fastad.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=8, n_test_good=3,
+                             n_test_defect=2, size=64)

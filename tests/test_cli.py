@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 import fastad
 from fastad.cli import main
-from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
 from fastad.models.fod import FODConfig
 from fastad.train import train_fod
@@ -30,12 +29,6 @@ TINY = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=
 @pytest.fixture(autouse=True)
 def _eager(monkeypatch):
     monkeypatch.setenv("FASTAD_COMPILE", "0")  # compile time would dominate these tiny runs
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=8, n_test_good=3,
-                             n_test_defect=2, size=64)
 
 
 @pytest.fixture(scope="session")

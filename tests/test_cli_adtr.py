@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import fastad
 from fastad.api import load_model
-from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
 from fastad.models.adtr import ADTR, ADTRConfig
 from fastad.train import train
@@ -30,9 +29,8 @@ TINY = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1,
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("adtr_demo") / "data", n_train=8, n_test_good=3,
-                             n_test_defect=2, size=64)
+def data(demo_data) -> Path:
+    return demo_data
 
 
 @pytest.fixture(scope="module")

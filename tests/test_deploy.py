@@ -20,7 +20,6 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from fastad.cli import main
-from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
 from fastad.export import check_onnx, export_engine, export_onnx, read_sidecar
 from fastad.models.fod import FODConfig
@@ -28,12 +27,6 @@ from fastad.runtime import Predictor, default_thresholds, map_to_original
 from fastad.train import train_fod
 
 TINY = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4, resize=128, crop=128)
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=8, n_test_good=3,
-                             n_test_defect=2, size=64)
 
 
 @pytest.fixture(scope="module")
