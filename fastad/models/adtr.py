@@ -67,13 +67,15 @@ Choices where the specification is silent or ambiguous (each is a config field):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastad.utils import JSONConfig
 
 from .fod import GaussianBlur, sincos_position_code
 
@@ -86,7 +88,7 @@ LOG_GUARD = 1e-6  # smallest s in log(1 − exp(−s)): keeps the α-term finite
 # Configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class ADTRConfig:
+class ADTRConfig(JSONConfig):
     backbone: str = "efficientnet_lite0"
     strides: tuple[int, ...] = (4, 8, 16)  # backbone stages, as reductions (choice 1)
     grid_stride: int = 16                  # the one feature grid: crop // grid_stride per side
@@ -118,16 +120,6 @@ class ADTRConfig:
     alpha: float = 0.003
     topk: int = 20
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ADTRConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ADTR config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -59,12 +59,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fastad.utils import JSONConfig
 
 # The authors' smoothing constant inside every log of the divergences and the entropy.
 LOG_EPS = 1e-4
@@ -79,7 +81,7 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 # Configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class FODConfig:
+class FODConfig(JSONConfig):
     backbone: str = "efficientnet_lite0"
     strides: tuple[int, ...] = (8, 16)      # feature levels, as backbone reductions
     d_models: tuple[int, ...] = (256, 512)  # transformer width per level
@@ -107,17 +109,6 @@ class FODConfig:
     # (deviation 6); 0 = all rows, as the authors. 256 keeps CPU training within minutes.
     loss_queries: int = 256
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FODConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown FOD config keys: {unknown}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kw)
 
     def grid(self, level: int) -> tuple[int, int]:
         s = self.strides[level]
