@@ -75,7 +75,12 @@ def cmd_eval(args) -> int:
     from .api import load
     from .evaluate import evaluate_run
 
-    predictor = load(args.run, device=args.device)
+    if Path(args.run).is_file():  # an exported .onnx / .engine, through the runtime
+        from .runtime import Predictor
+
+        predictor = Predictor(args.run, device=args.device, warmup=False)
+    else:
+        predictor = load(args.run, device=args.device)
     exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run on a dataset's test split")
-    p.add_argument("--run", required=True, help="run directory written by fastad train")
+    p.add_argument("--run", required=True, help="run directory written by fastad train, or an exported .onnx / .engine")
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES)
     p.add_argument("--report", help="write the JSON report here")

@@ -51,15 +51,26 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
 
     from .visualize import save_overlay
 
-    cfg = predictor.cfg
-    samples, images, masks = load_test_set(data, layout, cfg.resize, cfg.crop, exclude_defects)
+    if hasattr(predictor, "scores_and_maps"):  # fastad.Predictor: run dir, .onnx or .engine
+        resize, crop = predictor.resize, predictor.crop
+
+        def score(x):
+            m, s = predictor.scores_and_maps(x.numpy())
+            return s, m
+    else:  # the model-family predictors of fastad.load
+        resize, crop = predictor.cfg.resize, predictor.cfg.crop
+
+        def score(x):
+            res = predictor.predict(x, batch_size=batch_size)
+            return res.score, res.anomaly_map
+    samples, images, masks = load_test_set(data, layout, resize, crop, exclude_defects)
     t0 = time.perf_counter()
     scores, maps = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch",
                       disable=None if progress else True, leave=False):
-        res = predictor.predict(images[start:start + batch_size], batch_size=batch_size)
-        scores.append(res.score)
-        maps.append(res.anomaly_map)
+        s, m = score(images[start:start + batch_size])
+        scores.append(s)
+        maps.append(m)
     seconds = time.perf_counter() - t0
     scores, maps = np.concatenate(scores), np.concatenate(maps)
     labels = np.array([s.label for s in samples])

@@ -405,3 +405,14 @@ def test_adtr_run_exports_and_runs_everywhere(demo_data, tmp_path):
         span = ref_maps.max() - ref_maps.min()
         assert np.abs(maps - ref_maps).max() <= 1e-4 * span, p.backend
         assert np.abs(scores - ref_scores).max() <= 1e-4 * span, p.backend
+
+
+def test_cli_eval_onnx_equals_run(run_dir, onnx_path, demo_data, tmp_path, capsys):
+    reports = []
+    for i, model in enumerate((run_dir, onnx_path)):
+        rep = tmp_path / f"r{i}.json"
+        code, _, err = run_cli(capsys, "eval", "--run", model, "--data", demo_data, "--report", rep, "--device", "cpu")
+        assert code == 0, err
+        reports.append(json.loads(rep.read_text()))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert reports[1][key] == pytest.approx(reports[0][key], abs=1e-4), key  # map diffs ~1e-6 reorder near-ties
