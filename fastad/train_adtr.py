@@ -10,6 +10,11 @@ With `synthetic`, a fixed pool of synthetic anomalies (one per training image by
 generated from the training images at the start of the run, deterministically from the seed, and
 cached the same way; a resumed run rebuilds the identical pool.
 
+The learning rate follows a cosine decay over the planned steps (epochs × steps per epoch): an
+interrupted run resumed with `--resume` continues exactly; `--resume --epochs N` with a larger N
+re-plans the decay over the new total (not identical to a fresh N-epoch run). The labelled
+anomaly folder is not fingerprinted: pass the same `--anomalies DIR` when resuming.
+
 Modes (combinable): normal-only (default) · `synthetic` (pixel labels from the synthetic masks) ·
 `anomalies` with `anomaly_labels="image"` · `anomalies` with `anomaly_labels="pixel"` (masks).
 """
