@@ -85,9 +85,10 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | 
     return model.to(resolve_device(device)).eval(), conf
 
 
-class Predictor:
-    """A trained model (FOD or ADTR) ready for inference. Thread-safe: calls are serialised per
-    instance."""
+class ModelPredictor:
+    """A trained model (FOD or ADTR) ready for inference, as `fastad.load` returns it. Thread-safe:
+    calls are serialised per instance. (For thresholds, masks, regions and the ONNX/TensorRT
+    backends use the runtime, `fastad.Predictor`.)"""
 
     def __init__(self, model: FOD | ADTR, config: dict):
         self.model = model.eval()
@@ -119,10 +120,10 @@ class Predictor:
                 f"size={self.image_size}, device={self.device})")
 
 
-FODPredictor = Predictor  # the name from before ADTR existed
+FODPredictor = ModelPredictor  # the name from before ADTR existed
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None = None) -> Predictor:
+def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None = None) -> ModelPredictor:
     """Load a run directory written by `fastad train` (FOD or ADTR) for inference.
 
     backend: None (the model's reference ops), or "auto" / "triton" / "torch" to score through
@@ -131,4 +132,4 @@ def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None =
     model, conf = load_model(run_dir, device)
     if backend is not None:
         model.use_kernels(backend)
-    return Predictor(model, conf)
+    return ModelPredictor(model, conf)
