@@ -46,12 +46,30 @@ def _positive_float(text: str) -> float:
 def cmd_train(args) -> int:
     from .train import train_fod
 
+    if args.model == "utad":
+        return cmd_train_utad(args)
+    if args.pm_backbone or args.pm_weights or args.schedule:
+        raise FastADError("--pm-backbone, --pm-weights and --schedule are UTAD options (--model utad)")
     t0 = time.perf_counter()
     out = train_fod(args.data, args.out, layout=args.layout, epochs=args.epochs, backbone=args.backbone,
                     weights=args.weights, device=args.device, batch_size=args.batch_size, lr=args.lr,
                     seed=args.seed, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.quiet)
     print(f"trained FOD in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def cmd_train_utad(args) -> int:
+    from .train_utad import train_utad
+
+    if args.backbone or args.weights != "auto":
+        raise FastADError("UTAD has no feature backbone: use --pm-backbone / --pm-weights for its perceptual network")
+    t0 = time.perf_counter()
+    out = train_utad(args.data, args.out, layout=args.layout, schedule=args.schedule, epochs1=args.epochs, epochs2=args.epochs,
+                     pm_backbone=args.pm_backbone, pm_weights=args.pm_weights, device=args.device,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(f"trained UTAD in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
 
 
@@ -69,9 +87,16 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_run
 
     predictor = load(args.run, device=args.device)
+    if args.intermediates and predictor.config.get("model") != "utad":
+        raise FastADError("--intermediates needs a UTAD run (the model's stages are the intermediates)")
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet)
     _print_metrics(result)
+    if args.intermediates:
+        from .train_utad import eval_intermediates
+
+        eval_intermediates(predictor, args.data, args.layout, args.intermediates)
+        print(f"intermediate images -> {args.intermediates}")
     if args.report:
         print(f"report -> {args.report}")
     return 0
@@ -229,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train a model on the normal images of a dataset")
-    p.add_argument("--model", default="fod", choices=["fod"], help="model family (default fod)")
+    p.add_argument("--model", default="fod", choices=["fod", "utad"], help="model family (default fod)")
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")
@@ -242,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--schedule", choices=["cpu", "gpu"], help="UTAD: cpu (default, short) or gpu (paper-sized)")
+    p.add_argument("--pm-backbone", help="UTAD: perceptual network (default efficientnet_lite0; vgg19)")
+    p.add_argument("--pm-weights", help="UTAD: perceptual network weights file (alone: VGG-19 weights)")
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -251,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUT_CHOICES)
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--overlays", help="write heatmap overlay PNGs into this directory")
+    p.add_argument("--intermediates", help="UTAD: write per-image strips (input, impression, reconstruction, "
+                   "naive impression, PM maps) into this directory")
     common(p)
     p.set_defaults(func=cmd_eval)
 
