@@ -38,7 +38,8 @@ Choices where the paper / released code are silent or impossible here (each writ
    4). `pm_backbone="vgg19"` with a user-supplied weights file gives the paper's relu1_2, relu2_2,
    relu3_4 (timm vgg19 strides 1, 2, 4).
 4. Internal resolution: the networks run at `cfg.size` (CPU schedule: 128², GPU: 256²). The input
-   (`cfg.crop`², what the runtime feeds) is area-downsampled to `cfg.size`, PM is computed at
+   (`cfg.crop`², what the runtime feeds) is area-downsampled to `cfg.size` (k×k average pooling,
+   crop = k·size), PM is computed at
    `cfg.size` (comparing a 128² reconstruction with a 256² input would measure blur everywhere),
    and the map is upsampled bilinearly to `cfg.crop` and blurred (σ = 4, FOD's GaussianBlur).
 5. Image score = max of the final map (as FOD).
@@ -134,8 +135,9 @@ class UTADConfig:
         if self.size % total or self.size % (2 ** self.ex_downs):
             raise ValueError(f"size {self.size} must be divisible by the IE-Net pooling {total} and "
                              f"by 2**ex_downs = {2 ** self.ex_downs}")
-        if self.crop > self.resize or self.size > self.crop:
-            raise ValueError(f"need size <= crop <= resize, got {self.size}, {self.crop}, {self.resize}")
+        if self.crop > self.resize or self.size > self.crop or self.crop % self.size:
+            raise ValueError(f"need size <= crop <= resize with crop divisible by size, "
+                             f"got {self.size}, {self.crop}, {self.resize}")
         if len(self.pm_strides) < 1:
             raise ValueError("pm_strides must not be empty")
 
@@ -356,7 +358,8 @@ class UTAD(nn.Module):
         s = self.cfg.size
         if images.shape[-1] == s and images.shape[-2] == s:
             return images
-        return F.interpolate(images, size=(s, s), mode="area")
+        k = self.cfg.crop // s  # crop % size == 0 (validate): area resampling = k×k average pooling
+        return F.avg_pool2d(images, k)
 
     def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Internal-resolution images (B, 3, s, s) -> impression, reconstruction, naïve impression."""
@@ -364,24 +367,26 @@ class UTAD(nn.Module):
         recon, naive, _, _ = self.expert(x, impression)
         return {"image": x, "impression": impression, "reconstruction": recon, "naive_impression": naive}
 
-    def pm_levels(self, a: torch.Tensor, b: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """PM features of two image batches: [(f_a, f_b)] each (B, N_l, C_l)."""
-        feats = self.backbone(torch.cat([a, b]))
-        bsz = a.shape[0]
-        return [(f[:bsz].flatten(2).transpose(1, 2), f[bsz:].flatten(2).transpose(1, 2)) for f in feats]
+    PAIRS = (("image", "reconstruction"), ("naive_impression", "impression"))
 
-    def pm_terms(self, st: dict[str, torch.Tensor], scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Per (pair, level) upsampled distance maps -> (B, 2, S, S), levels summed, each level
-        divided by its `scale` (default: the fitted pm_scale)."""
-        scale = self.pm_scale if scale is None else scale
+    def pm_features(self, st: dict[str, torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """PM features of both pairs from ONE pass of the PM network over the 4 image batches
+        (one call also keeps the exported graph's conv weights plain constants):
+        [pair][level] -> (f_a, f_b), each (B, N_l, C_l)."""
+        names = [n for pair in self.PAIRS for n in pair]
+        feats = self.backbone(torch.cat([st[n] for n in names]))
+        bsz = st["image"].shape[0]
+        tok = [[f[i * bsz:(i + 1) * bsz].flatten(2).transpose(1, 2) for f in feats] for i in range(4)]
+        return [list(zip(tok[2 * p], tok[2 * p + 1])) for p in range(2)]
+
+    def pm_terms(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per pair: Σ_levels upsample(distance_l) / pm_scale[pair, l] -> (B, 2, S, S)."""
         s, size = self.cfg.size, (self.cfg.crop, self.cfg.crop)
         grids = [(s // st_, s // st_) for st_ in self.cfg.pm_strides]
+        bsz = st["image"].shape[0]
         out = []
-        for p, (a, b) in enumerate(((st["image"], st["reconstruction"]),
-                                    (st["naive_impression"], st["impression"]))):
-            levels = self.pm_levels(a, b)
-            bsz = a.shape[0]
-            weights = [(1.0 / scale[p, i]).expand(bsz, g[0] * g[1]) for i, g in enumerate(grids)]
+        for p, levels in enumerate(self.pm_features(st)):
+            weights = [(1.0 / self.pm_scale[p, i]).expand(bsz, g[0] * g[1]) for i, g in enumerate(grids)]
             out.append(multi_level_distance_map(levels, grids, size, weights=weights, reduce="sum",
                                                 backend=self.kernel_backend))
         return torch.stack(out, 1)
@@ -391,9 +396,8 @@ class UTAD(nn.Module):
         """Mean distance of every (pair, level) over `images` (B, 3, S, S) -> (2, L), unscaled."""
         st = self.stages(self.to_internal(images))
         res = torch.zeros(2, len(self.cfg.pm_strides))
-        for p, (a, b) in enumerate(((st["image"], st["reconstruction"]),
-                                    (st["naive_impression"], st["impression"]))):
-            for i, (fa, fb) in enumerate(self.pm_levels(a, b)):
+        for p, levels in enumerate(self.pm_features(st)):
+            for i, (fa, fb) in enumerate(levels):
                 res[p, i] = feature_distance_map(fa, fb, backend=self.kernel_backend).mean().cpu()
         return res
 
