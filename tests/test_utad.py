@@ -197,7 +197,7 @@ def test_pm_matches_plain_torch(pm_net, backend):
 def test_run_directory_and_api(tiny_run, demo_data):
     conf = json.loads((tiny_run / "config.json").read_text())
     assert conf["model"] == "utad" and conf["config"]["size"] == 32
-    assert conf["backbone"]["name"] == "efficientnet_lite0" and conf["backbone"]["strides"] == [2, 4, 8]
+    assert conf["backbone"]["name"] == "efficientnet_lite0" and conf["backbone"]["strides"] == [4, 8, 16]
     assert set(conf["normal_scores"]) == {"num_images", "mean", "std", "max", "p99"}
     assert [h["stage"] for h in conf["training"]["history"]] == ["stage1"] * 2 + ["stage2"] * 2
     assert (np.array(conf["training"]["pm_scale"]) > 0).all()
