@@ -52,6 +52,13 @@ Choices where the paper / released code are silent or impossible here (each writ
    Reconstruction term = mean squared error (an ℓ2 autoencoder gives the blurry, "anomaly-free"
    impression the paper describes).
 7. AdaIN uses (1 + γ) as the scale so a fresh MLP starts as plain instance normalisation.
+8. Residual decoders: reconstruction = clamp(impression + residual, 0, 1) and naïve impression =
+   clamp(image + residual, 0, 1), the last conv zero-initialised, so Expert-Net starts from
+   "reconstruction = impression, naïve impression = image" and only learns the detail to add
+   (remove). Measured on bottle with the plain MUNIT decoders (sigmoid output, same CPU schedule):
+   Expert-Net did not get below L1 0.028 in 25 epochs — a worse image than the impression it was
+   given — and the final map scored image/pixel AUROC 0.65/0.74, against 0.95/0.88 for PM(input,
+   impression) alone. The residual form cannot start worse than the impression.
 """
 from __future__ import annotations
 
@@ -282,15 +289,19 @@ class Decoder(nn.Module):
             ups_layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(dim, dim // 2, 5, padding=2),
                            nn.GroupNorm(1, dim // 2), nn.ReLU(inplace=True)]  # MUNIT: LayerNorm
             dim //= 2
-        self.up = nn.Sequential(*ups_layers, nn.Conv2d(dim, 3, 7, padding=3))
+        last = nn.Conv2d(dim, 3, 7, padding=3)
+        nn.init.zeros_(last.weight)  # a fresh decoder returns its base image (choice 8)
+        nn.init.zeros_(last.bias)
+        self.up = nn.Sequential(*ups_layers, last)
 
-    def forward(self, content, code):
+    def forward(self, content, code, base):
+        """-> clamp(base + residual, 0, 1): the residual adds (or removes) detail to `base`."""
         params = self.mlp(code)
         x, start = content, 0
         for r in self.res:
             x = r(x, params[:, start:start + r.n_params])
             start += r.n_params
-        return torch.sigmoid(self.up(x))
+        return (base + self.up(x)).clamp(0.0, 1.0)
 
 
 class ExpertNet(nn.Module):
@@ -310,8 +321,8 @@ class ExpertNet(nn.Module):
     def forward(self, image: torch.Tensor, impression: torch.Tensor):
         """-> (reconstruction, naive_impression, code_img, code_imp), images (B, 3, s, s)."""
         code_img, code_imp = self.detail_img(image), self.detail_imp(impression)
-        recon = self.dec_img(self.content_imp(impression), code_img)
-        naive = self.dec_imp(self.content_img(image), code_imp)
+        recon = self.dec_img(self.content_imp(impression), code_img, impression)
+        naive = self.dec_imp(self.content_img(image), code_imp, image)
         return recon, naive, code_img, code_imp
 
 
