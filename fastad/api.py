@@ -46,30 +46,26 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return conf
 
 
-def _read_weights(run: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(run / WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
-    except (OSError, SafetensorError) as e:
-        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
-
-
 def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD, dict]:
     """Rebuild the model of a run directory, checking weights against config. -> (model, config)."""
     run = Path(run_dir)
     conf = read_run_config(run)
     if conf.get("model") == "utad":
-        from .train_utad import restore_utad
+        from .train_utad import load_utad
 
-        return restore_utad(run, conf, _read_weights(run)).to(resolve_device(device)).eval(), conf
+        return load_utad(run, conf, device), conf
     if conf.get("model") != "fod":
         raise FastADError(f"{run}: unsupported model {conf.get('model')!r}")
     try:
         cfg = FODConfig.from_dict(conf["config"])
     except (TypeError, ValueError) as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
-    state = _read_weights(run)
+    try:
+        state = load_file(str(run / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
+    except (OSError, SafetensorError) as e:
+        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
     if list(cfg.strides) != list(backbone.strides):

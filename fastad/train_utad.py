@@ -324,6 +324,19 @@ def utad_normal_score_stats(model: UTAD, images: torch.Tensor, device, max_image
 # --------------------------------------------------------------------------------------------
 # Loading a run, intermediate images
 # --------------------------------------------------------------------------------------------
+def load_utad(run: Path, conf: dict, device: str = "auto") -> UTAD:
+    """fastad.api.load_model's UTAD branch: read model.safetensors, rebuild, move, eval mode."""
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(run / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
+    except (OSError, SafetensorError) as e:
+        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
+    return restore_utad(run, conf, state).to(resolve_device(device)).eval()
+
+
 def restore_utad(run: Path, conf: dict, state: dict[str, torch.Tensor]) -> UTAD:
     """Rebuild a UTAD model from a run's config.json and model.safetensors tensors."""
     try:

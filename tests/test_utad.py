@@ -63,6 +63,16 @@ def assert_user_error(code: int, err: str, needle: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Shapes
 # --------------------------------------------------------------------------------------------
+def test_fresh_expert_net_returns_its_bases(pm_net):
+    torch.manual_seed(0)
+    model = UTAD(TINY, pm_net).eval()
+    x, imp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        recon, naive, _, _ = model.expert(x, imp)
+    torch.testing.assert_close(recon, imp)
+    torch.testing.assert_close(naive, x)
+
+
 def test_shapes(pm_net):
     torch.manual_seed(0)
     model = UTAD(TINY, pm_net).eval()
@@ -139,6 +149,9 @@ def test_stage_losses_finite_and_reach_their_parameters(pm_net):
     torch.testing.assert_close(l1.total.detach(), TINY.w_rec * l1.rec + TINY.w_mi * l1.mi + TINY.w_kl * l1.kl)
 
     imp = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():  # the decoders' last conv starts at zero (residual form); wake it up
+        for dec in (model.expert.dec_img, model.expert.dec_imp):
+            dec.up[-1].weight.normal_(0, 0.01)
     l2 = stage2_losses(model.expert, x, imp, TINY)
     assert all(torch.isfinite(v) for v in l2) and float(l2.detail) >= 0
     l2.total.backward()
