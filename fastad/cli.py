@@ -65,7 +65,8 @@ def cmd_train_utad(args) -> int:
     if args.backbone or args.weights != "auto":
         raise FastADError("UTAD has no feature backbone: use --pm-backbone / --pm-weights for its perceptual network")
     t0 = time.perf_counter()
-    out = train_utad(args.data, args.out, layout=args.layout, schedule=args.schedule, epochs1=args.epochs, epochs2=args.epochs,
+    out = train_utad(args.data, args.out, layout=args.layout, schedule=args.schedule,
+                     epochs1=None if args.resume else args.epochs, epochs2=args.epochs,
                      pm_backbone=args.pm_backbone, pm_weights=args.pm_weights, device=args.device,
                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
                      overwrite=args.overwrite, progress=not args.quiet)
