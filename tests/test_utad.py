@@ -30,6 +30,16 @@ TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4
 BOTTLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny convolutions: on the shared 2-core machine two intra-op threads made steps up to 25×
+    slower than one (see fastad/train_utad.py); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pm_net():
     return FeatureExtractor(TINY.pm_backbone, TINY.pm_strides)
@@ -162,7 +172,7 @@ def test_stage_losses_finite_and_reach_their_parameters(pm_net):
 
 def test_stage1_overfits_a_few_images():
     torch.manual_seed(0)
-    cfg = UTADConfig(resize=32, crop=32, size=32, ie_filters=(8, 8, 16, 16), batch_size=4)
+    cfg = UTADConfig(resize=32, crop=32, size=32, ie_filters=(4, 8, 8, 16), batch_size=4)
     ie = IENet(cfg)
     # Four smooth images (blurry is what an impression is allowed to be).
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
@@ -170,7 +180,7 @@ def test_stage1_overfits_a_few_images():
     opt = torch.optim.Adam(ie.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     first = None
-    for _ in range(150):
+    for _ in range(100):
         losses = stage1_losses(ie, x, cfg, gen)
         losses.total.backward()
         opt.step()
@@ -190,7 +200,7 @@ def test_pm_matches_plain_torch(pm_net, backend):
     torch.manual_seed(0)
     model = UTAD(TINY, pm_net).eval().use_kernels(backend)
     model.fit_pm(torch.rand(2, 3) + 0.5)
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(1 if backend == "triton" else 2, 3, 32, 32)  # the interpreter is slow
     with torch.no_grad():
         st = model.stages(x)
         terms = model.pm_terms(st)
