@@ -333,15 +333,7 @@ class ExpertNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Perceptual measurement
-# --------------------------------------------------------------------------------------------
-class PMOutput(NamedTuple):
-    anomaly_map: torch.Tensor   # (B, S, S) final map (after blur)
-    terms: torch.Tensor         # (B, 2, S, S) unblurred maps: (input, recon) and (naïve, impression)
-
-
-# --------------------------------------------------------------------------------------------
-# The model
+# The model (perceptual measurement: pm_features / pm_terms / fit_pm)
 # --------------------------------------------------------------------------------------------
 class UTAD(nn.Module):
     """image -> IE-Net impression -> Expert-Net reconstruction / naïve impression -> PM map.
@@ -496,7 +488,7 @@ def stage1_losses(ie: IENet, x: torch.Tensor, cfg: UTADConfig,
     perm = derangement(x.shape[0], generator).to(x.device)
     mi = mi_loss(ie.disc, feat, z, perm)
     total = cfg.w_rec * rec + cfg.w_mi * mi + cfg.w_kl * kl
-    return Stage1Losses(total, rec.detach(), mi.detach(), kl.detach())  # total: backpropagated by the trainer
+    return Stage1Losses(total, rec.detach(), mi.detach(), kl.detach())
 
 
 def stage2_losses(expert: ExpertNet, image: torch.Tensor, impression: torch.Tensor,
