@@ -55,8 +55,12 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | 
     config. -> (model, config)."""
     run = Path(run_dir)
     conf = read_run_config(run)
+    if conf.get("model") == "utad":
+        from .train_utad import load_utad
+
+        return load_utad(run, conf, device), conf
     if conf.get("model") not in FAMILIES:
-        raise FastADError(f"{run}: unsupported model {conf.get('model')!r} (known: {', '.join(FAMILIES)})")
+        raise FastADError(f"{run}: unsupported model {conf.get('model')!r} (known: {', '.join([*FAMILIES, 'utad'])})")
     config_cls, model_cls = FAMILIES[conf["model"]]
     try:
         cfg = config_cls.from_dict(conf["config"])

@@ -53,12 +53,31 @@ def cmd_train(args) -> int:
     if args.model != "adtr" and extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise FastADError(f"{flags} only apply to --model adtr (anomaly-available training)")
+    if args.model == "utad":
+        return cmd_train_utad(args)
+    if args.pm_backbone or args.pm_weights or args.schedule:
+        raise FastADError("--pm-backbone, --pm-weights and --schedule are UTAD options (--model utad)")
     t0 = time.perf_counter()
     out = train(args.data, args.out, model=args.model, layout=args.layout, epochs=args.epochs,
                 backbone=args.backbone, weights=args.weights, device=args.device,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
                 overwrite=args.overwrite, progress=not args.quiet, **extra)
     print(f"trained {args.model.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def cmd_train_utad(args) -> int:
+    from .train_utad import train_utad
+
+    if args.backbone or args.weights != "auto":
+        raise FastADError("UTAD has no feature backbone: use --pm-backbone / --pm-weights for its perceptual network")
+    t0 = time.perf_counter()
+    out = train_utad(args.data, args.out, layout=args.layout, schedule=args.schedule,
+                     epochs1=None if args.resume else args.epochs, epochs2=args.epochs,
+                     pm_backbone=args.pm_backbone, pm_weights=args.pm_weights, device=args.device,
+                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(f"trained UTAD in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
 
 
@@ -78,13 +97,22 @@ def cmd_eval(args) -> int:
     if Path(args.run).is_file():  # an exported .onnx / .engine, through the runtime
         from .runtime import Predictor
 
+        if args.intermediates:
+            raise FastADError("--intermediates needs a UTAD run directory, not an exported model")
         predictor = Predictor(args.run, device=args.device, warmup=False)
     else:
         predictor = load(args.run, device=args.device)
+        if args.intermediates and predictor.config.get("model") != "utad":
+            raise FastADError("--intermediates needs a UTAD run (the model's stages are the intermediates)")
     exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
     _print_metrics(result)
+    if args.intermediates:
+        from .train_utad import eval_intermediates
+
+        eval_intermediates(predictor, args.data, args.layout, args.intermediates)
+        print(f"intermediate images -> {args.intermediates}")
     if args.report:
         print(f"report -> {args.report}")
     return 0
@@ -242,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train a model on the normal images of a dataset")
-    p.add_argument("--model", default="fod", choices=["fod", "adtr"], help="model family (default fod)")
+    p.add_argument("--model", default="fod", choices=["fod", "adtr", "utad"], help="model family (default fod)")
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")
@@ -264,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anomaly-masks", metavar="DIR", help="mask folder for --anomalies (<stem>.png or <stem>_mask.png)")
     g.add_argument("--synthetic", choices=["confetti", "perlin", "cutpaste"],
                    help="add synthetic anomalies (with masks) made from the training images")
+    p.add_argument("--schedule", choices=["cpu", "gpu"], help="UTAD: cpu (default, short) or gpu (paper-sized)")
+    p.add_argument("--pm-backbone", help="UTAD: perceptual network (default efficientnet_lite0; vgg19)")
+    p.add_argument("--pm-weights", help="UTAD: perceptual network weights file (alone: VGG-19 weights)")
     common(p)
     p.set_defaults(func=cmd_train)
 
@@ -276,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-defects", metavar="NAMES",
                    help="comma-separated defect types to leave out of the test set (e.g. the type "
                         "whose images were given to anomaly-available training)")
+    p.add_argument("--intermediates", help="UTAD: write per-image strips (input, impression, reconstruction, "
+                   "naive impression, PM maps) into this directory")
     common(p)
     p.set_defaults(func=cmd_eval)
 
