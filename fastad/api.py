@@ -50,6 +50,16 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return conf
 
 
+def read_weights(run: Path) -> dict:
+    """model.safetensors of a run directory (never unpickled), or one FastADError line."""
+    try:
+        return load_file(str(run / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
+    except (OSError, SafetensorError) as e:
+        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
+
+
 def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | ADTR, dict]:
     """Rebuild the model of a run directory (any family in FAMILIES), checking weights against
     config. -> (model, config)."""
@@ -66,12 +76,7 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | 
         cfg = config_cls.from_dict(conf["config"])
     except (TypeError, ValueError) as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
-    try:
-        state = load_file(str(run / WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
-    except (OSError, SafetensorError) as e:
-        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
+    state = read_weights(run)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
     if list(cfg.strides) != list(backbone.strides):

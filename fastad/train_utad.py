@@ -326,14 +326,9 @@ def utad_normal_score_stats(model: UTAD, images: torch.Tensor, device, max_image
 # --------------------------------------------------------------------------------------------
 def load_utad(run: Path, conf: dict, device: str = "auto") -> UTAD:
     """fastad.api.load_model's UTAD branch: read model.safetensors, rebuild, move, eval mode."""
-    from safetensors import SafetensorError
+    from .api import read_weights
 
-    try:
-        state = load_file(str(run / WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise FastADError(f"{run} has no {WEIGHTS_FILE}") from None
-    except (OSError, SafetensorError) as e:
-        raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
+    state = read_weights(run)
     return restore_utad(run, conf, state).to(resolve_device(device)).eval()
 
 

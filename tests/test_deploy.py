@@ -19,7 +19,8 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from fastad.cli import main
+
+from .test_cli import assert_user_error, run_cli
 from fastad.errors import FastADError
 from fastad.export import check_onnx, export_engine, export_onnx, read_sidecar
 from fastad.models.fod import FODConfig
@@ -47,18 +48,6 @@ def onnx_path(run_dir, tmp_path_factory) -> Path:
 
 def _images(demo_data: Path) -> list[str]:
     return sorted(str(p) for p in (demo_data / "test").rglob("*.png"))
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def assert_user_error(code, err, needle):
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert needle.lower() in lines[0].lower(), lines[0]
 
 
 # --------------------------------------------------------------------------------------------

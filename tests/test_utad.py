@@ -7,7 +7,6 @@ behind `-m slow`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from safetensors.torch import save_file
 import fastad
 from fastad.api import load_model
 from fastad.backbones import FeatureExtractor
-from fastad.cli import main
+
+from .test_cli import assert_user_error, run_cli
 from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
 from fastad.models.utad import (UTAD, IENet, UTADConfig, derangement, kl_standard_normal, mi_loss,
@@ -54,20 +54,6 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(demo_data, tmp_path_factory) -> Path:
     return train_utad(demo_data, tmp_path_factory.mktemp("utad_runs") / "tiny", config=TINY, progress=False)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert needle.lower() in lines[0].lower(), lines[0]
 
 
 # --------------------------------------------------------------------------------------------

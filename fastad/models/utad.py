@@ -67,7 +67,7 @@ not used at inference.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -75,6 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.feature_distance import feature_distance_map, multi_level_distance_map
+from ..utils import JSONConfig
 from .fod import GaussianBlur
 
 PM_DEFAULTS = {"efficientnet_lite0": (4, 8, 16), "vgg19": (1, 2, 4)}
@@ -84,7 +85,7 @@ PM_DEFAULTS = {"efficientnet_lite0": (4, 8, 16), "vgg19": (1, 2, 4)}
 # Configuration
 # --------------------------------------------------------------------------------------------
 @dataclass
-class UTADConfig:
+class UTADConfig(JSONConfig):
     # Geometry: input crop (what forward takes) and the internal resolution of both networks.
     resize: int = 256
     crop: int = 256
@@ -128,16 +129,6 @@ class UTADConfig:
         base.update(kw)
         return cls(**base)
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UTADConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UTAD config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def validate(self) -> None:
         """ValueError on inconsistent geometry (the trainer turns it into a FastADError)."""
