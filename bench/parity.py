@@ -14,11 +14,11 @@ import sys
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from fastad.bench.runtime import device_name, versions
+from fastad.bench.runtime import device_name
 from fastad.data.images import prepare_images
 from fastad.data.layouts import list_samples
 from fastad.runtime import Predictor
-from fastad.utils import write_json
+from fastad.utils import library_versions, write_json
 
 
 def predict_all(predictor: Predictor, batch: np.ndarray, chunk: int = 8):
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     batch = prepare_images([str(s.path) for s in samples], reference.resize, reference.crop).numpy()
     ref_maps, ref_scores = predict_all(reference, batch)
     span = float(ref_maps.max() - ref_maps.min())
-    result = {"device": device_name(args.device), "versions": versions(), "command": "python -m fastad.bench.parity " + " ".join(sys.argv[1:]),
+    result = {"device": device_name(args.device), "versions": library_versions(), "command": "python -m fastad.bench.parity " + " ".join(sys.argv[1:]),
               "run": args.run, "data": args.data, "num_images": len(samples), "map_range": span,
               "reference_image_auroc": float(roc_auc_score(labels, ref_scores)), "models": []}
     for path in args.model:

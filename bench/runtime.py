@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fastad.errors import FastADError
-from fastad.utils import atomic_path, write_json
+from fastad.utils import atomic_path, library_versions, write_json
 
 KNOWN = ("torch", "torch-lean", "triton", "onnx", "tensorrt")
 
@@ -44,21 +44,6 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{cpu} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})"
-
-
-def versions() -> dict:
-    import fastad
-
-    out = {"fastad": fastad.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "numpy": np.__version__}
-    for mod in ("onnx", "onnxruntime", "triton", "tensorrt"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent or broken optional dependency
-            pass
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-    return out
 
 
 class MemorySampler:
@@ -191,7 +176,7 @@ def run_bench(run_dir: str, backends: list[str], batches: list[int], *, device: 
                     "max_rel_diff_map": parity[b][0] / map_range,
                     "speedup_vs_torch": float(np.median(times["torch"]) / np.median(times[b])) if "torch" in times else None,
                 })
-    return {"device": device_name(device), "versions": versions(),
+    return {"device": device_name(device), "versions": library_versions(),
             "command": command or " ".join(sys.argv), "run": str(run_dir),
             "inputs": f"test images of {data}" if data else "seeded uniform noise in [0, 1]",
             "records": records}

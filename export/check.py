@@ -66,6 +66,13 @@ class CheckReport:
                 "largest_tensor": self.largest_tensor[1] if self.largest_tensor else None,
                 "unknown_shapes": self.unknown_shapes, "ops": self.ops}
 
+    @classmethod
+    def from_summary(cls, d: dict) -> "CheckReport":
+        """Rebuild a report from `summary()` (as stored in an export's sidecar)."""
+        largest = (d["largest_tensor_elements"], d["largest_tensor"]) if d.get("largest_tensor") else None
+        return cls(errors=list(d["errors"]), warnings=list(d["warnings"]), opset=d["opset"], batch=d["batch"],
+                   ops=dict(d["ops"]), largest_tensor=largest, unknown_shapes=d["unknown_shapes"])
+
     def lines(self) -> list[str]:
         out = [f"opset {self.opset}, {sum(self.ops.values())} nodes, {len(self.ops)} op types"]
         if self.largest_tensor:

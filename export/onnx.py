@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,9 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastad import __version__
 from fastad.errors import FastADError
-from fastad.utils import atomic_path
+from fastad.utils import atomic_path, library_versions
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
@@ -68,20 +66,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict:
-    import onnx
-
-    out = {"fastad": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-           "python": platform.python_version()}
-    try:
-        import onnxruntime
-
-        out["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, file: Path,
                   extra: dict | None = None) -> dict:
     """Everything a runtime needs besides the graph: sizes, preprocessing, thresholds, provenance."""
@@ -111,7 +95,7 @@ def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, fi
         "model_config": conf["config"],
         "backbone": {k: bb[k] for k in ("name", "strides", "weights_source", "fingerprint") if k in bb},
         "opset": opset,
-        "versions": versions(),
+        "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }

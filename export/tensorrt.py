@@ -103,7 +103,6 @@ def export_engine(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: b
                   timing_cache: str | os.PathLike | None = None, workspace_gb: float = 4.0,
                   keep_onnx: bool = False) -> dict:
     """Run directory -> TensorRT engine `out` (+ `out`.json sidecar). -> the sidecar dict."""
-    from .check import check_onnx
     from .onnx import export_onnx, read_sidecar, sidecar_path
 
     out = Path(out)
@@ -116,11 +115,9 @@ def export_engine(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: b
     strongly_typed = major >= 11
     with tempfile.TemporaryDirectory(prefix="fastad-trt-") as tmp:
         onnx_path = (out.with_suffix(".onnx") if keep_onnx else Path(tmp) / "model.onnx")
-        # TensorRT 11 is strongly typed: fp16 must come from the fp16 graph.
+        # TensorRT 11 is strongly typed: fp16 must come from the fp16 graph. The export checks the
+        # graph against TensorRT's limits at max_batch and refuses an incompatible one.
         export_onnx(run_dir, onnx_path, fp16=fp16 and strongly_typed, check_batch=max_batch)
-        report = check_onnx(onnx_path, batch=max_batch)
-        if not report.ok:
-            raise FastADError(f"{onnx_path.name}: {report.errors[0]}")
         side = read_sidecar(onnx_path)
         crop = side["input"]["crop"]
         cache = Path(timing_cache) if timing_cache else None

@@ -60,6 +60,16 @@ def read_weights(run: Path) -> dict:
         raise FastADError(f"cannot read {run / WEIGHTS_FILE}: {e}") from None
 
 
+def load_state_checked(model, state: dict, run: Path, hint: str):
+    """Strict `load_state_dict`; a mismatch is one FastADError line naming the first problem."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise FastADError(f"{run / WEIGHTS_FILE} does not match {CONFIG_FILE} ({hint}): {first}") from None
+    return model
+
+
 def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | ADTR, dict]:
     """Rebuild the model of a run directory (any family in FAMILIES), checking weights against
     config. -> (model, config)."""
@@ -85,12 +95,7 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | 
         model = model_cls(cfg, backbone)
     except ValueError as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise FastADError(f"{run / WEIGHTS_FILE} does not match {CONFIG_FILE} "
-                          f"(other backbone or config?): {first}") from None
+    model = load_state_checked(model, state, run, "other backbone or config?")
     return model.to(resolve_device(device)).eval(), conf
 
 

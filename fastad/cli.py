@@ -187,12 +187,12 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fastad.export import check_onnx, export_engine, export_onnx
+    from fastad.export import CheckReport, export_engine, export_onnx
 
     t0 = time.perf_counter()
     if args.format == "onnx":
         side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
-        print("\n".join(check_onnx(args.out, batch=args.max_batch).lines()))
+        print("\n".join(CheckReport.from_summary(side["trt_check"]).lines()))
     else:
         side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
                              opt_batch=args.opt_batch, max_batch=args.max_batch,

@@ -242,10 +242,6 @@ def _items(images) -> list:
 def _original_size(item) -> tuple[int, int]:
     from PIL import Image
 
-    from .data.images import load_image
-
-    if isinstance(item, (str, os.PathLike)):
-        return load_image(item).size[::-1]
     if isinstance(item, Image.Image):
         return item.size[::-1]
     shape = tuple(item.shape)
@@ -256,10 +252,14 @@ def _original_size(item) -> tuple[int, int]:
 
 def prepare_any(images, resize: int, crop: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """User images of any size -> (float32 (B, 3, crop, crop), [(H, W) of each original])."""
+    from .data.images import load_image
+
     batch, sizes = [], []
     for i, item in enumerate(_items(images)):
         what = f"image {i}"
         resized = None
+        if isinstance(item, (str, os.PathLike)):
+            item = load_image(item)  # decoded once: pixels and original size from the same image
         if isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating):
             item = torch.from_numpy(np.ascontiguousarray(item))
         if isinstance(item, torch.Tensor) and item.is_floating_point():

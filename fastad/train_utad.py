@@ -38,7 +38,7 @@ from .data.layouts import list_samples
 from .errors import FastADError
 from .models.utad import PM_DEFAULTS, UTAD, UTADConfig, stage1_losses, stage2_losses
 from .train import (CKPT_FILE, CKPT_STATE_FILE, CONFIG_FILE, WEIGHTS_FILE, _check_run_dir, _load_optimizer,
-                    _optimizer_tensors, model_state, resolve_device, run_config)
+                    _optimizer_tensors, model_state, resolve_device, run_config, score_stats)
 from .utils import atomic_path, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -316,9 +316,7 @@ def utad_normal_score_stats(model: UTAD, images: torch.Tensor, device, max_image
         st = model.stages(x)
         amap = model.blur(model.pm_terms(st).sum(1))
         scores.append(amap.flatten(1).amax(1).float().cpu())
-    s = torch.cat(scores).numpy().astype(np.float64)
-    return {"num_images": int(n), "mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
-            "p99": float(np.percentile(s, 99))}
+    return score_stats(torch.cat(scores).numpy())
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,14 +341,9 @@ def restore_utad(run: Path, conf: dict, state: dict[str, torch.Tensor]) -> UTAD:
     pm = FeatureExtractor.restore(conf["backbone"], backbone_state)
     if list(cfg.pm_strides) != list(pm.strides):
         raise FastADError(f"{run}: config PM strides {cfg.pm_strides} do not match the network's {pm.strides}")
-    model = UTAD(cfg, pm)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise FastADError(f"{run / WEIGHTS_FILE} does not match {CONFIG_FILE} "
-                          f"(other PM network or config?): {first}") from None
-    return model
+    from .api import load_state_checked
+
+    return load_state_checked(UTAD(cfg, pm), state, run, "other PM network or config?")
 
 
 @torch.no_grad()

@@ -67,3 +67,23 @@ class JSONConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def library_versions() -> dict:
+    """Versions of fastad and the libraries that decide numerics/speed (absent ones left out)."""
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    out = {"fastad": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "numpy": np.__version__}
+    for mod in ("onnx", "onnxruntime", "triton", "tensorrt"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken optional dependency
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
