@@ -222,7 +222,7 @@ def train_fod(
     # Everything that can fail on user input happens before the first byte is written.
     samples = list_samples(data, "train", layout=layout)
     seed_everything(cfg.seed)
-    extractor = FeatureExtractor(cfg.backbone, cfg.strides, weights=weights)
+    extractor = FeatureExtractor(cfg.backbone, cfg.backbone_strides(), weights=weights)
     model = FOD(cfg, extractor).to(dev)
     if resume:
         check_resume_backbone(out, saved, extractor)

@@ -9,13 +9,18 @@ from fastad.models.fod import (FOD, FODConfig, GaussianBlur, fod_level_losses, r
 
 
 class RandomBackbone(torch.nn.Module):
-    strides = (8, 16)
-    channels = [12, 20]
+    """Feature maps of a 64-pixel image; by default strides 4/8/16, what FOD's levels 8/16 need
+    with the hypercolumn."""
+
+    def __init__(self, strides=(4, 8, 16), channels=(6, 12, 20)):
+        super().__init__()
+        self.strides, self.channels = tuple(strides), list(channels)
 
     def forward(self, x):
         g = torch.Generator().manual_seed(0)
         b = x.shape[0]
-        return [torch.randn(b, 12, 8, 8, generator=g) + x.mean(), torch.randn(b, 20, 4, 4, generator=g)]
+        return [torch.randn(b, c, 64 // s, 64 // s, generator=g) + x.mean()
+                for s, c in zip(self.strides, self.channels)]
 
 
 def tiny_cfg(**kw):
@@ -48,6 +53,30 @@ def test_sym_kl_is_two_kls():
     p = torch.rand(3, 10).softmax(-1)
     q = torch.rand(3, 10).softmax(-1)
     assert torch.allclose(sym_kl(p, q), kl_div(p, q) + kl_div(q, p), atol=1e-6)
+
+
+def test_hypercolumn_tokens_are_own_stage_plus_pooled_finer_stage():
+    """Deviation 10: level tokens = [smoothed stage s, 2x2 mean of the smoothed stage s/2]."""
+    model = FOD(tiny_cfg(), RandomBackbone())
+    images = torch.rand(2, 3, 64, 64)
+    feats = [torch.nn.functional.avg_pool2d(f, 3, 1, 1) for f in RandomBackbone()(images)]
+    toks = model.tokens(images)
+    for level, (finer, own) in enumerate([(feats[0], feats[1]), (feats[1], feats[2])]):
+        b, c, h, w = own.shape
+        pooled = finer.view(b, finer.shape[1], h, 2, w, 2).mean((3, 5))
+        want = torch.cat([own, pooled], 1).flatten(2).transpose(1, 2)
+        assert toks[level].shape == (b, h * w, c + finer.shape[1])
+        assert torch.allclose(toks[level], want, atol=1e-6)
+    authors = FOD(tiny_cfg(hypercolumn=False), RandomBackbone((8, 16), (12, 20)))
+    assert [t.shape[-1] for t in authors.tokens(images)] == [12, 20]
+
+
+def test_config_without_hypercolumn_key_loads_the_authors_features():
+    saved = {k: v for k, v in FODConfig().to_dict().items() if k != "hypercolumn"}
+    assert FODConfig.from_dict(saved).hypercolumn is False
+    assert FODConfig.from_dict(FODConfig().to_dict()).hypercolumn is True
+    assert FODConfig().backbone_strides() == (4, 8, 16)
+    assert FODConfig(hypercolumn=False).backbone_strides() == (8, 16)
 
 
 def test_forward_shapes_and_losses_finite():

@@ -167,7 +167,7 @@ class FixedBackbone(torch.nn.Module):
 def test_anomaly_map_matches_authors_postprocessing():
     """Upsample (bilinear, align_corners) each level, average, scipy Gaussian σ=4, max."""
     torch.manual_seed(0)
-    cfg = FODConfig(d_models=(16, 16), n_heads=2, n_layers=1, resize=64, crop=64)
+    cfg = FODConfig(d_models=(16, 16), n_heads=2, n_layers=1, resize=64, crop=64, hypercolumn=False)
     model = FOD(cfg, FixedBackbone()).eval()
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -108,11 +108,24 @@ class FODConfig(JSONConfig):
     # Query rows per step in the KL/entropy losses at levels with more tokens than this
     # (deviation 6); 0 = all rows, as the authors. 256 keeps CPU training within minutes.
     loss_queries: int = 256
+    # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
+    # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
+    hypercolumn: bool = True
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        # Runs saved before `hypercolumn` existed were trained on the authors' features.
+        return super().from_dict({"hypercolumn": False, **d})
 
     def grid(self, level: int) -> tuple[int, int]:
         s = self.strides[level]
         return (self.crop // s, self.crop // s)
+
+    def backbone_strides(self) -> tuple[int, ...]:
+        """The backbone outputs the levels need: their own strides, plus half of each with
+        `hypercolumn`."""
+        finer = {s // 2 for s in self.strides} if self.hypercolumn else set()
+        return tuple(sorted(set(self.strides) | finer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,12 +520,14 @@ class FOD(nn.Module):
         self.backbone = backbone
         if cfg.level_combine not in ("geometric", "mean"):
             raise ValueError(f"level_combine must be 'geometric' or 'mean', got {cfg.level_combine!r}")
-        if list(backbone.strides) != list(cfg.strides):
-            raise ValueError(f"backbone strides {backbone.strides} != config {cfg.strides}")
+        if list(backbone.strides) != list(cfg.backbone_strides()):
+            raise ValueError(f"backbone strides {tuple(backbone.strides)} != {cfg.backbone_strides()} "
+                             f"needed by levels {cfg.strides} (hypercolumn={cfg.hypercolumn})")
         self.smooth = nn.AvgPool2d(3, stride=1, padding=1)  # count_include_pad=True, as authors
+        channels = dict(zip(backbone.strides, backbone.channels))
         self.levels = nn.ModuleList(
-            FODLevel(c, d, cfg.grid(i), cfg)
-            for i, (c, d) in enumerate(zip(backbone.channels, cfg.d_models))
+            FODLevel(channels[s] + (channels[s // 2] if cfg.hypercolumn else 0), d, cfg.grid(i), cfg)
+            for i, (s, d) in enumerate(zip(cfg.strides, cfg.d_models))
         )
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
 
@@ -539,8 +554,14 @@ class FOD(nn.Module):
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""
         assert images.dim() == 4 and images.shape[1] == 3, images.shape
         with torch.no_grad():
-            feats = self.backbone(images)
-        return [self.smooth(f).flatten(2).transpose(1, 2) for f in feats]
+            feats = dict(zip(self.backbone.strides, (self.smooth(f) for f in self.backbone(images))))
+        levels = []
+        for s in self.cfg.strides:
+            f = feats[s]
+            if self.cfg.hypercolumn:  # deviation 10: the finer stage, pooled onto this grid
+                f = torch.cat([f, F.avg_pool2d(feats[s // 2], 2, ceil_mode=True)], 1)
+            levels.append(f.flatten(2).transpose(1, 2))
+        return levels
 
     @torch.no_grad()
     def fit_reference(self, level_tokens: list[torch.Tensor]) -> None:
