@@ -53,6 +53,10 @@ def cmd_train(args) -> int:
     if args.model != "adtr" and extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise FastADError(f"{flags} only apply to --model adtr (anomaly-available training)")
+    if args.hypercolumn is not None:
+        if args.model != "fod":
+            raise FastADError("--no-hypercolumn is an FOD option (--model fod)")
+        extra["hypercolumn"] = args.hypercolumn
     if args.model == "utad":
         return cmd_train_utad(args)
     if args.pm_backbone or args.pm_weights or args.schedule:
@@ -292,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anomaly-masks", metavar="DIR", help="mask folder for --anomalies (<stem>.png or <stem>_mask.png)")
     g.add_argument("--synthetic", choices=["confetti", "perlin", "cutpaste"],
                    help="add synthetic anomalies (with masks) made from the training images")
+    p.add_argument("--no-hypercolumn", dest="hypercolumn", action="store_false", default=None,
+                   help="FOD: the authors' features, each level's own backbone stage only (deviation 10)")
     p.add_argument("--schedule", choices=["cpu", "gpu"], help="UTAD: cpu (default, short) or gpu (paper-sized)")
     p.add_argument("--pm-backbone", help="UTAD: perceptual network (default efficientnet_lite0; vgg19)")
     p.add_argument("--pm-weights", help="UTAD: perceptual network weights file (alone: VGG-19 weights)")

@@ -197,6 +197,7 @@ def train_fod(
     batch_size: int | None = None,
     lr: float | None = None,
     seed: int | None = None,
+    hypercolumn: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
     compile_stats: bool | None = None,
@@ -216,7 +217,8 @@ def train_fod(
         compile_stats = os.environ.get("FASTAD_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
     _check_run_dir(out, resume, overwrite)
     dev = resolve_device(device)
-    overrides = dict(epochs=epochs, backbone=backbone, batch_size=batch_size, lr=lr, seed=seed)
+    overrides = dict(epochs=epochs, backbone=backbone, batch_size=batch_size, lr=lr, seed=seed,
+                     hypercolumn=hypercolumn)
     cfg, saved = resolve_config(FODConfig, "fod", out, resume, overrides, config)
 
     # Everything that can fail on user input happens before the first byte is written.

@@ -166,6 +166,26 @@ def test_cli_train_defaults(capsys, demo_data, tmp_path):
     assert res.anomaly_map.shape == (1, 256, 256)
 
 
+def test_cli_train_authors_features(capsys, demo_data, tmp_path):
+    """--no-hypercolumn trains on the authors' features (deviation 10 off); a run saved before the
+    option existed (no key in config.json) loads that way too."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", demo_data, "--out", run, "--epochs", "1",
+                           "--batch-size", "4", "--quiet", "--device", "cpu", "--no-hypercolumn")
+    assert code == 0, err
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["config"]["hypercolumn"] is False and conf["backbone"]["strides"] == [8, 16]
+    image = str(demo_data / "test" / "good" / "000.png")
+    before = fastad.load(run, device="cpu").predict(image).score
+    del conf["config"]["hypercolumn"]
+    (run / "config.json").write_text(json.dumps(conf))
+    assert np.array_equal(fastad.load(run, device="cpu").predict(image).score, before)
+    code, _, err = run_cli(capsys, "train", "--model", "adtr", "--data", demo_data, "--out", tmp_path / "adtr",
+                           "--no-hypercolumn", "--quiet")
+    assert_user_error(code, err, "FOD option")
+    assert not (tmp_path / "adtr").exists()
+
+
 # ---- bad input: one line, exit 2, nothing written ------------------------------------------------
 def _copy_demo(demo_data: Path, dst: Path) -> Path:
     import shutil
@@ -236,6 +256,15 @@ def test_mismatched_checkpoint_config(capsys, demo_data, tiny_run, tmp_path):
     (run / "config.json").write_text(json.dumps(conf))
     code, _, err = run_cli(capsys, "eval", "--run", run, "--data", demo_data, "--quiet")
     assert_user_error(code, err, "does not match")
+
+
+def test_flipped_hypercolumn_in_config_is_refused(capsys, demo_data, tiny_run, tmp_path):
+    run = _clone_run(tiny_run, tmp_path / "run")
+    conf = json.loads((run / "config.json").read_text())
+    conf["config"]["hypercolumn"] = not conf["config"]["hypercolumn"]
+    (run / "config.json").write_text(json.dumps(conf))
+    code, _, err = run_cli(capsys, "eval", "--run", run, "--data", demo_data, "--quiet")
+    assert_user_error(code, err, "strides")
 
 
 def test_mismatched_checkpoint_backbone(capsys, demo_data, tiny_run, tmp_path):
