@@ -71,6 +71,11 @@ def test_hypercolumn_tokens_are_own_stage_plus_pooled_finer_stage():
     assert [t.shape[-1] for t in authors.tokens(images)] == [12, 20]
 
 
+def test_crop_must_fit_the_strides():
+    with pytest.raises(ValueError, match="multiple of every backbone stride"):
+        FOD(FODConfig(d_models=(32, 64), crop=72, resize=72), RandomBackbone())
+
+
 def test_config_without_hypercolumn_key_loads_the_authors_features():
     saved = {k: v for k, v in FODConfig().to_dict().items() if k != "hypercolumn"}
     assert FODConfig.from_dict(saved).hypercolumn is False

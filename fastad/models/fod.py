@@ -530,6 +530,8 @@ class FOD(nn.Module):
         self.backbone = backbone
         if cfg.level_combine not in ("geometric", "mean"):
             raise ValueError(f"level_combine must be 'geometric' or 'mean', got {cfg.level_combine!r}")
+        if any(cfg.crop % s for s in cfg.backbone_strides()):
+            raise ValueError(f"crop {cfg.crop} must be a multiple of every backbone stride {cfg.backbone_strides()}")
         if list(backbone.strides) != list(cfg.backbone_strides()):
             raise ValueError(f"backbone strides {tuple(backbone.strides)} != {cfg.backbone_strides()} "
                              f"needed by levels {cfg.strides} (hypercolumn={cfg.hypercolumn})")
