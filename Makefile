@@ -32,7 +32,7 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow tests
 
-# The real-data check of issue 2 (MVTec AD bottle, default settings); ~30 min on a 2-core CPU.
+# The real-data check of issue 2 (MVTec AD bottle, default settings); ~20 min on a 2-core CPU.
 BOTTLE ?= ../shared/data/mvtec_ad/bottle
 bottle: install
 	$(VENV)/bin/fastad train --model fod --data $(BOTTLE) --out runs/bottle --overwrite
