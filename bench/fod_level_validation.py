@@ -15,11 +15,11 @@ import argparse
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from fastad.api import load_model
 from fastad.data.images import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
+from fastad.metrics import image_auroc, pixel_auroc
 from fastad.models.adtr import synthesise
 from fastad.models.fod import reconstruction_score
 
@@ -32,6 +32,13 @@ def validation_set(data: str, every: int, resize: int, size: int) -> tuple[torch
     for i, kind in enumerate(("perlin", "cutpaste", "confetti")):
         parts.append(synthesise(clean, kind, len(clean), seed=100 + i))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(clean)
+
+
+def validation_aurocs(blurred: torch.Tensor, masks: torch.Tensor, n_clean: int) -> tuple[float, float]:
+    """Image AUROC (each map's max) and pixel AUROC of final maps (n, S, S) of `validation_set`."""
+    labels = np.r_[np.zeros(n_clean), np.ones(len(blurred) - n_clean)]
+    return (image_auroc(labels, blurred.flatten(1).amax(1).numpy()),
+            pixel_auroc(masks.numpy() > 0.5, blurred.numpy()))
 
 
 def main(argv=None) -> int:
@@ -61,14 +68,10 @@ def main(argv=None) -> int:
         variants["geometric mean (default)"] = model.combine_levels(maps, "geometric")
         variants |= {f"no model: level {i} alone": m for i, m in enumerate(baseline)}
         variants["no model: geometric mean"] = model.combine_levels(baseline, "geometric")
-        labels = np.r_[np.zeros(n_clean), np.ones(len(images) - n_clean)]
-        pixels = (masks > 0.5).numpy().ravel()
         print(f"{len(images)} images ({n_clean} clean training images + 3 synthetic copies of each)")
         for name, m in variants.items():
-            blurred = model.blur(m)
-            image_auroc = roc_auc_score(labels, blurred.flatten(1).amax(1).numpy())
-            pixel_auroc = roc_auc_score(pixels, blurred.numpy().ravel())
-            print(f"{name:40s} image AUROC {image_auroc:.4f}  pixel AUROC {pixel_auroc:.4f}")
+            image, pixel = validation_aurocs(model.blur(m), masks, n_clean)
+            print(f"{name:40s} image AUROC {image:.4f}  pixel AUROC {pixel:.4f}")
     return 0
 
 

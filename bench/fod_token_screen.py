@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from fastad.backbones import FeatureExtractor
 from fastad.data.images import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
-from fastad.models.fod import FODConfig, GaussianBlur, reconstruction_score
-from fod_level_validation import validation_set
+from fastad.models.fod import FOD, FODConfig, GaussianBlur, reconstruction_score
+from fod_level_validation import validation_aurocs, validation_set
 
 
 def stage_features(extractor: FeatureExtractor, images: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -67,17 +65,14 @@ def main(argv=None) -> int:
     train_variants = token_variants(stage_features(extractor, train))
     val_variants = token_variants(stage_features(extractor, val))
     blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
-    labels = np.r_[np.zeros(n_clean), np.ones(len(val) - n_clean)]
-    pixels = (masks > 0.5).numpy().ravel()
     print(f"{len(val)} images ({n_clean} clean training images + 3 synthetic copies of each), no model")
     for name, (t8, t16) in train_variants.items():
         v8, v16 = val_variants[name]
-        maps = [distance_map(t8, v8, cfg.crop), distance_map(t16, v16, cfg.crop)]
-        for label, m in [("stride 8", maps[0]), ("stride 16", maps[1]), ("geometric", (maps[0] * maps[1]).sqrt())]:
-            b = blur(m)
-            image_auroc = roc_auc_score(labels, b.flatten(1).amax(1).numpy())
-            pixel_auroc = roc_auc_score(pixels, b.numpy().ravel())
-            print(f"{name:45s} {label:10s} image AUROC {image_auroc:.4f}  pixel AUROC {pixel_auroc:.4f}")
+        maps = torch.stack([distance_map(t8, v8, cfg.crop), distance_map(t16, v16, cfg.crop)])
+        for label, m in [("stride 8", maps[0]), ("stride 16", maps[1]),
+                         ("geometric", FOD.combine_levels(maps, "geometric"))]:
+            image, pixel = validation_aurocs(blur(m), masks, n_clean)
+            print(f"{name:45s} {label:10s} image AUROC {image:.4f}  pixel AUROC {pixel:.4f}")
     return 0
 
 

@@ -89,8 +89,6 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto") -> tuple[FOD | 
     state = read_weights(run)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
-    if list(getattr(cfg, "backbone_strides", lambda: cfg.strides)()) != list(backbone.strides):
-        raise FastADError(f"{run}: config strides {cfg.strides} do not match the backbone's {backbone.strides}")
     try:
         model = model_cls(cfg, backbone)
     except ValueError as e:
