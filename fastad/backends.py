@@ -1,0 +1,19 @@
+"""The one set of backend names, used by the runtime, the benchmarks and the CLI help.
+
+A run directory runs through PyTorch with one of three implementations of the model's hot ops,
+chosen once when the model is built (see `fastad.ops`):
+
+    torch       the reference ops, the formulas as written (the parity reference)
+    torch-lean  memory-lean blocked torch paths (CPU, or GPUs without Triton)
+    triton      fused Triton kernels (CUDA)
+
+An exported file runs through its engine: onnx (onnxruntime) or tensorrt (a serialized engine).
+"""
+from __future__ import annotations
+
+RUN_BACKENDS = ("torch", "torch-lean", "triton")
+FILE_BACKENDS = ("onnx", "tensorrt")
+BACKENDS = RUN_BACKENDS + FILE_BACKENDS
+
+# Run-directory backend -> implementation of the hot ops (fastad.ops.IMPLS).
+IMPL_OF_BACKEND = {"torch": "reference", "torch-lean": "lean", "triton": "triton"}
