@@ -110,7 +110,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
     """
     import onnx
 
-    from fastad.api import load_model
+    from fastad.run import load_model
 
     from .check import check_onnx
 

@@ -1,7 +1,7 @@
 """fastad: transformer-based industrial visual anomaly detection, built for deployment."""
 from .errors import FastADError
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def load(run_dir, device: str = "auto", backend: str | None = None):
@@ -10,6 +10,14 @@ def load(run_dir, device: str = "auto", backend: str | None = None):
     from .api import load as _load
 
     return _load(run_dir, device=device, backend=backend)
+
+
+def train(data, out, *, model: str = "fod", **kwargs):
+    """Train a model family on the normal images of `data`, writing the run directory `out`
+    (see fastad.training.loop.train for the options)."""
+    from .training.loop import train as _train
+
+    return _train(data, out, model=model, **kwargs)
 
 
 def __getattr__(name):
@@ -21,4 +29,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastad' has no attribute {name!r}")
 
 
-__all__ = ["FastADError", "Predictor", "load", "__version__"]
+__all__ = ["FastADError", "Predictor", "load", "train", "__version__"]

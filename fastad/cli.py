@@ -43,45 +43,28 @@ def _positive_float(text: str) -> float:
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-ADTR_ONLY = ("anomalies", "anomaly_labels", "anomaly_masks", "synthetic")
+SHARED_TRAIN_OPTIONS = ("epochs", "backbone", "weights", "batch_size", "lr", "seed")
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from . import registry
+    from .training.loop import train
 
-    extra = {k: getattr(args, k) for k in ADTR_ONLY if getattr(args, k) is not None}
-    if args.model != "adtr" and extra:
-        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise FastADError(f"{flags} only apply to --model adtr (anomaly-available training)")
-    if args.hypercolumn is not None:
-        if args.model != "fod":
-            raise FastADError("--no-hypercolumn is an FOD option (--model fod)")
-        extra["hypercolumn"] = args.hypercolumn
-    if args.model == "utad":
-        return cmd_train_utad(args)
-    if args.pm_backbone or args.pm_weights or args.schedule:
-        raise FastADError("--pm-backbone, --pm-weights and --schedule are UTAD options (--model utad)")
+    family = registry.get(args.model)
+    options = {k: getattr(args, k) for k in SHARED_TRAIN_OPTIONS}
+    own = {o.dest for o in family.options}
+    for other in registry.FAMILIES.values():
+        for o in other.options:
+            value = getattr(args, o.dest, None) if o.flag else None
+            if value is None:
+                continue
+            if o.dest not in own:
+                raise FastADError(f"{o.flag} is an option of --model {other.name}, not of --model {family.name}")
+            options[o.dest] = value
     t0 = time.perf_counter()
-    out = train(args.data, args.out, model=args.model, layout=args.layout, epochs=args.epochs,
-                backbone=args.backbone, weights=args.weights, device=args.device,
-                batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
-                overwrite=args.overwrite, progress=not args.quiet, **extra)
-    print(f"trained {args.model.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
-    return 0
-
-
-def cmd_train_utad(args) -> int:
-    from .train_utad import train_utad
-
-    if args.backbone or args.weights != "auto":
-        raise FastADError("UTAD has no feature backbone: use --pm-backbone / --pm-weights for its perceptual network")
-    t0 = time.perf_counter()
-    out = train_utad(args.data, args.out, layout=args.layout, schedule=args.schedule,
-                     epochs1=None if args.resume else args.epochs, epochs2=args.epochs,
-                     pm_backbone=args.pm_backbone, pm_weights=args.pm_weights, device=args.device,
-                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
-                     overwrite=args.overwrite, progress=not args.quiet)
-    print(f"trained UTAD in {time.perf_counter() - t0:.0f} s -> {out}")
+    out = train(args.data, args.out, model=family.name, layout=args.layout, device=args.device,
+                resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **options)
+    print(f"trained {family.name.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
 
 
@@ -98,28 +81,40 @@ def cmd_eval(args) -> int:
     from .api import load
     from .evaluate import evaluate_run
 
+    explain = _explainer(args.run) if args.intermediates else None
     if Path(args.run).is_file():  # an exported .onnx / .engine, through the runtime
         from .runtime import Predictor
 
-        if args.intermediates:
-            raise FastADError("--intermediates needs a UTAD run directory, not an exported model")
         predictor = Predictor(args.run, device=args.device, warmup=False)
     else:
         predictor = load(args.run, device=args.device)
-        if args.intermediates and predictor.config.get("model") != "utad":
-            raise FastADError("--intermediates needs a UTAD run (the model's stages are the intermediates)")
     exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
     _print_metrics(result)
     if args.intermediates:
-        from .train_utad import eval_intermediates
+        from .evaluate import eval_intermediates
 
-        eval_intermediates(predictor, args.data, args.layout, args.intermediates)
+        eval_intermediates(predictor.model, explain, args.data, args.layout, args.intermediates)
         print(f"intermediate images -> {args.intermediates}")
     if args.report:
         print(f"report -> {args.report}")
     return 0
+
+
+def _explainer(run: str):
+    """The `explain` of the run's family, for --intermediates; one error line where there is none."""
+    from . import registry
+    from .run import read_run_config
+
+    able = ", ".join(f.name for f in registry.FAMILIES.values() if f.explain is not None)
+    if Path(run).is_file():
+        raise FastADError(f"--intermediates needs a run directory ({able}), not an exported model")
+    family = registry.get(read_run_config(run).get("model"))
+    if family.explain is None:
+        raise FastADError(f"--intermediates needs a run of a model with intermediates ({able}), "
+                          f"not a {family.name} run")
+    return family.explain
 
 
 def _expand_inputs(items: list[str]) -> list[Path]:
@@ -266,6 +261,8 @@ def cmd_demo(args) -> int:
 # Parser and entry point
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from . import registry
+
     parser = argparse.ArgumentParser(prog="fastad", description="Transformer-based visual anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -274,33 +271,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train a model on the normal images of a dataset")
-    p.add_argument("--model", default="fod", choices=["fod", "adtr", "utad"], help="model family (default fod)")
+    p.add_argument("--model", default="fod", choices=list(registry.FAMILIES),
+                   help="model family (default fod): " + "; ".join(f"{f.name}: {f.title}" for f in registry.FAMILIES.values()))
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--epochs", type=_positive_int, help="training epochs (default from the model config)")
     p.add_argument("--backbone", help="timm backbone name (default efficientnet_lite0)")
-    p.add_argument("--weights", default="auto",
-                   help="backbone weights: auto (hub, else offline default), none (random), or a file")
+    p.add_argument("--weights", help="backbone weights: auto (default: hub, else offline default), none (random), or a file")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=_positive_float)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    g = p.add_argument_group("anomaly-available training (--model adtr)")
-    g.add_argument("--anomalies", metavar="DIR",
-                   help="folder of labelled anomalous images (masks in DIR/masks, or --anomaly-masks)")
-    g.add_argument("--anomaly-labels", choices=["image", "pixel"],
-                   help="use the anomalies' masks (pixel) or only their label (image); default: pixel "
-                        "when every image has a mask, else image")
-    g.add_argument("--anomaly-masks", metavar="DIR", help="mask folder for --anomalies (<stem>.png or <stem>_mask.png)")
-    g.add_argument("--synthetic", choices=["confetti", "perlin", "cutpaste"],
-                   help="add synthetic anomalies (with masks) made from the training images")
-    p.add_argument("--no-hypercolumn", dest="hypercolumn", action="store_false", default=None,
-                   help="FOD: the authors' features, each level's own backbone stage only (deviation 10)")
-    p.add_argument("--schedule", choices=["cpu", "gpu"], help="UTAD: cpu (default, short) or gpu (paper-sized)")
-    p.add_argument("--pm-backbone", help="UTAD: perceptual network (default efficientnet_lite0; vgg19)")
-    p.add_argument("--pm-weights", help="UTAD: perceptual network weights file (alone: VGG-19 weights)")
+    added: set[str] = set()
+    for family in registry.FAMILIES.values():  # each family's own options, in a group of its own
+        options = [o for o in family.options if o.flag and o.dest not in added]
+        if options:
+            g = p.add_argument_group(f"--model {family.name}")
+            for o in options:
+                g.add_argument(o.flag, dest=o.dest, **o.kwargs)
+                added.add(o.dest)
     common(p)
     p.set_defaults(func=cmd_train)
 

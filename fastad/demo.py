@@ -26,13 +26,13 @@ def run_demo(out: str | os.PathLike = "demo_out", *, epochs: int | None = None, 
     from .api import load
     from .cli import _print_metrics
     from .evaluate import evaluate_run
-    from .train import train_fod
+    from .training.loop import train
 
     out = Path(out)
     t0 = time.perf_counter()
     data = make_demo_dataset(out / "data", overwrite=True)
     print(f"demo dataset -> {data}")
-    run = train_fod(data, out / "run", epochs=epochs or DEMO_EPOCHS, device=device, overwrite=True,
+    run = train(data, out / "run", model="fod", epochs=epochs or DEMO_EPOCHS, device=device, overwrite=True,
                     progress=progress)
     print(f"trained -> {run}")
     result = evaluate_run(load(run, device=device), data, report=out / "report.json",

@@ -91,3 +91,21 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
             save_overlay(out / _overlay_name(s, Path(data)), img.permute(1, 2, 0).numpy(), amap,
                          vmin=vmin, vmax=vmax, mask=m if s.mask_path is not None else None)
     return result
+
+
+@torch.no_grad()
+def eval_intermediates(model, explain, data, layout: str | None, out_dir: str | os.PathLike,
+                       batch_size: int = 8) -> list[Path]:
+    """`fastad eval --intermediates DIR`: one strip per test image of the family's `explain`
+    output (fastad.visualize.save_intermediate_strips), named like the overlays."""
+    from .visualize import save_intermediate_strips
+
+    samples, images, _ = load_test_set(data, layout, model.cfg.resize, model.cfg.crop)
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, len(images), batch_size):
+        ex = explain(model, images[i:i + batch_size].to(device))
+        parts.append({k: v.float().cpu() for k, v in ex.items()})
+    merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    names = [_overlay_name(s, Path(data))[:-4] for s in samples]
+    return save_intermediate_strips(merged, names, out_dir)

@@ -71,7 +71,7 @@ class TorchEngine:
     max_batch = None
 
     def __init__(self, run_dir, backend: str = "torch", device: str = "auto"):
-        from .api import load_model
+        from .run import load_model
 
         model, conf = load_model(run_dir, device)
         if backend == "triton" and next(model.parameters()).device.type != "cuda":

@@ -44,6 +44,25 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def resolve_device(name: str = "auto"):
+    """"auto" -> cuda when available, else cpu. Unknown or unavailable devices are a FastADError."""
+    import torch
+
+    from .errors import FastADError
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise FastADError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastADError(f"device {name!r} requested but no CUDA GPU is available")
+    if device.type not in ("cpu", "cuda"):
+        raise FastADError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
@@ -75,7 +94,7 @@ def library_versions() -> dict:
 
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     out = {"fastad": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "numpy": np.__version__}

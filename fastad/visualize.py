@@ -13,7 +13,7 @@ import numpy as np
 from fastad.errors import FastADError
 from fastad.utils import atomic_path
 
-__all__ = ["save_overlay", "save_map_png", "normalize_map", "overlay"]
+__all__ = ["save_overlay", "save_map_png", "normalize_map", "overlay", "save_intermediate_strips"]
 
 _CONTOUR_RGB = np.array([1.0, 1.0, 1.0])  # ground-truth contour colour (white)
 
@@ -119,3 +119,31 @@ def save_map_png(path: str | os.PathLike, anomaly_map, vmin: float, vmax: float)
     gray = np.rint(normalize_map(a, vmin, vmax) * 255.0).astype(np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(gray).save(tmp, format="PNG")
+
+
+def save_intermediate_strips(intermediates: dict, names: list[str], out_dir: str | os.PathLike) -> list:
+    """One PNG strip per image from a family's `explain` output: its image-like intermediates
+    ((B, 3, s, s) RGB in [0, 1]) then its maps ((B, S, S), resized to s × s), left to right in
+    the dict's order; maps on one colour scale, 0 .. the largest `anomaly_map` value."""
+    from pathlib import Path
+
+    import matplotlib
+    import torch.nn.functional as F
+    from PIL import Image
+
+    images = {k: v for k, v in intermediates.items() if v.dim() == 4}
+    maps = {k: v for k, v in intermediates.items() if v.dim() == 3}
+    s = next(iter(images.values())).shape[-1]
+    top = float(intermediates["anomaly_map"].max())
+    cmap = matplotlib.colormaps["jet"]
+    written = []
+    for j, name in enumerate(names):
+        tiles = [(v[j].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8) for v in images.values()]
+        for v in maps.values():
+            m = F.interpolate(v[j][None, None].float(), size=(s, s), mode="area")[0, 0].numpy()
+            tiles.append((cmap(normalize_map(m, 0.0, top))[..., :3] * 255).astype(np.uint8))
+        path = Path(out_dir) / f"{name}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.concatenate(tiles, axis=1)).save(tmp, format="PNG")
+        written.append(path)
+    return written

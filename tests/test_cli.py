@@ -7,6 +7,7 @@ stderr, no traceback, and no output files.
 from __future__ import annotations
 
 import json
+from functools import partial
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ import fastad
 from fastad.cli import main
 from fastad.errors import FastADError
 from fastad.models.fod import FODConfig
-from fastad.train import train_fod
+from fastad.training.loop import train
 
+
+train_fod = partial(train, model="fod")
 TINY = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4)
 
 
@@ -182,7 +185,7 @@ def test_cli_train_authors_features(capsys, demo_data, tmp_path):
     assert np.array_equal(fastad.load(run, device="cpu").predict(image).score, before)
     code, _, err = run_cli(capsys, "train", "--model", "adtr", "--data", demo_data, "--out", tmp_path / "adtr",
                            "--no-hypercolumn", "--quiet")
-    assert_user_error(code, err, "FOD option")
+    assert_user_error(code, err, "option of --model fod")
     assert not (tmp_path / "adtr").exists()
 
 

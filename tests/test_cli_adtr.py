@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import fastad
-from fastad.api import load_model
+from fastad.run import load_model
 from fastad.errors import FastADError
 from fastad.models.adtr import ADTR, ADTRConfig
-from fastad.train import train
-from fastad.train_adtr import train_adtr
+from fastad.training.loop import train
+
+train_adtr = partial(train, model="adtr")
 
 from .test_cli import assert_user_error, run_cli
 
@@ -83,7 +85,7 @@ def test_reproducible_and_resume(data, adtr_run, tmp_path, monkeypatch):
     # schedule is a function of the global step and the planned epochs).
     two = ADTRConfig(**{**TINY.__dict__, "epochs": 2})
     full = train_adtr(data, tmp_path / "full", config=two, progress=False)
-    import fastad.train_adtr as ta
+    import fastad.training.loop as ta
 
     real_save = ta.save_checkpoint
 
@@ -166,8 +168,8 @@ def test_bad_anomaly_options(capsys, data, tmp_path):
         (["--model", "adtr", "--anomalies", no_masks, "--anomaly-labels", "pixel"], "without mask"),
         (["--model", "adtr", "--anomalies", partial], "without mask"),
         (["--model", "adtr", "--anomaly-labels", "pixel"], "need --anomalies"),
-        (["--model", "fod", "--synthetic", "perlin"], "only apply to --model adtr"),
-        (["--model", "fod", "--anomalies", no_masks], "only apply to --model adtr"),
+        (["--model", "fod", "--synthetic", "perlin"], "option of --model adtr"),
+        (["--model", "fod", "--anomalies", no_masks], "option of --model adtr"),
     ]
     for extra, needle in cases:
         code, _, err = run_cli(capsys, *base, *extra)

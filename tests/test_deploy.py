@@ -11,6 +11,7 @@ import json
 import sys
 import threading
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ from fastad.errors import FastADError
 from fastad.export import check_onnx, export_engine, export_onnx, read_sidecar
 from fastad.models.fod import FODConfig
 from fastad.runtime import Predictor, default_thresholds, map_to_original
-from fastad.train import train_fod
+from fastad.training.loop import train
+
+train_fod = partial(train, model="fod")
+train_adtr = partial(train, model="adtr")
 
 TINY = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4, resize=128, crop=128)
 
@@ -379,7 +383,6 @@ def test_cli_bench_outputs(run_dir, onnx_path, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 def test_adtr_run_exports_and_runs_everywhere(demo_data, tmp_path):
     from fastad.models.adtr import ADTRConfig
-    from fastad.train_adtr import train_adtr
 
     cfg = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ffn_dim=64, epochs=1,
                      batch_size=4, resize=128, crop=128)

@@ -7,6 +7,7 @@ behind `-m slow`.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import fastad
-from fastad.api import load_model
+from fastad.run import load_model
 from fastad.backbones import FeatureExtractor
 
 from .test_cli import assert_user_error, run_cli
@@ -23,7 +24,9 @@ from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
 from fastad.models.utad import (UTAD, IENet, UTADConfig, derangement, kl_standard_normal, mi_loss,
                                 pm_reference, stage1_losses, stage2_losses)
-from fastad.train_utad import train_utad
+from fastad.training.loop import train
+
+train_utad = partial(train, model="utad")
 
 TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4, ex_res=1, mlp_dim=16,
                   epochs1=2, epochs2=2, batch_size=4)
@@ -33,7 +36,7 @@ BOTTLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny convolutions: on the shared 2-core machine two intra-op threads made steps up to 25×
-    slower than one (see fastad/train_utad.py); restored afterwards."""
+    slower than one (see UTADTask in fastad/models/utad.py); restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -327,13 +330,12 @@ def test_bad_runs(capsys, demo_data, tiny_run, tmp_path):
 
 def test_intermediates_need_utad(capsys, demo_data, tmp_path):
     from fastad.models.fod import FODConfig
-    from fastad.train import train_fod
 
-    fod = train_fod(demo_data, tmp_path / "fod", config=FODConfig(d_models=(32, 64), n_heads=4, n_layers=1,
+    fod = train(demo_data, tmp_path / "fod", model="fod", config=FODConfig(d_models=(32, 64), n_heads=4, n_layers=1,
                                                                   epochs=1, batch_size=4),
                     progress=False, compile_stats=False)
     code, _, err = run_cli(capsys, "eval", "--run", fod, "--data", demo_data, "--intermediates", tmp_path / "i")
-    assert_user_error(code, err, "UTAD run")
+    assert_user_error(code, err, "model with intermediates (utad)")
     assert not (tmp_path / "i").exists()
 
 

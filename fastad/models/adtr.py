@@ -67,7 +67,9 @@ Choices where the specification is silent or ambiguous (each is a config field):
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -75,7 +77,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastad.utils import JSONConfig
+from fastad.backbones import FeatureExtractor
+from fastad.data.dataset import AnomalyDataset
+from fastad.data.images import prepare_images
+from fastad.data.layouts import list_anomaly_samples
+from fastad.errors import FastADError
+from fastad.training.task import Option, Stage, Task
+from fastad.utils import JSONConfig, seed_everything
 
 from .fod import GaussianBlur, sincos_position_code
 
@@ -518,3 +526,190 @@ def synthesise(images: torch.Tensor, kind: str, n: int, seed: int) -> tuple[torc
         outs.append(np.clip(img, 0, 1).astype(np.float32))
         masks.append(m.astype(np.float32))
     return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.stack(masks))
+
+
+# --------------------------------------------------------------------------------------------
+# Training task (driven by fastad.training.loop): normal-only and anomaly-available modes
+# --------------------------------------------------------------------------------------------
+TRAIN_OPTIONS = (
+    Option("anomalies", "--anomalies",
+           dict(metavar="DIR", help="folder of labelled anomalous images (masks in DIR/masks, or --anomaly-masks)")),
+    Option("anomaly_labels", "--anomaly-labels",
+           dict(choices=list(ANOMALY_LABELS), help="use the anomalies' masks (pixel) or only their label (image); "
+                "default: pixel when every image has a mask, else image")),
+    Option("anomaly_masks", "--anomaly-masks",
+           dict(metavar="DIR", help="mask folder for --anomalies (<stem>.png or <stem>_mask.png)")),
+    Option("synthetic", "--synthetic",
+           dict(choices=list(SYNTHETIC_KINDS), help="add synthetic anomalies (with masks) made from the training images")),
+)
+
+
+class AnomalyPool(NamedTuple):
+    """Anomalous training images as cached features.
+
+    tokens (n, N, C); y (n, N) pixel labels on the grid (area fractions), only meaningful where
+    pixel[i]; pixel (n,) bool: True → L_px with y, False → image-level L_img.
+    """
+    tokens: torch.Tensor
+    y: torch.Tensor
+    pixel: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+class ADTRTask(Task):
+    """Modes (combinable): normal-only (default) · `synthetic` (pixel labels from the synthetic
+    masks) · `anomalies` with image labels · `anomalies` with pixel labels (masks).
+
+    The backbone is frozen, so every image's features are computed once per run and cached
+    (bottle: 209 images → 256 positions × 176 channels, ~37 MB). With `synthetic`, a fixed pool
+    of synthetic anomalies (one per training image by default) is made from the training images
+    at the start of the run, deterministically from the seed; a resumed run rebuilds the same
+    pool. The labelled anomaly folder is not fingerprinted: pass the same one when resuming.
+
+    The learning rate follows a cosine decay over the planned steps (epochs × steps per epoch),
+    a function of the global step: an interrupted run resumed continues exactly; resuming with
+    more epochs re-plans the decay over the new total.
+    """
+
+    config_class = ADTRConfig
+
+    def __init__(self, options: dict, resume: bool = False):
+        super().__init__(options, resume)
+        if options.get("anomalies") is None and (options.get("anomaly_labels") is not None
+                                                 or options.get("anomaly_masks") is not None):
+            raise FastADError("--anomaly-labels/--anomaly-masks need --anomalies DIR "
+                              "(a folder of labelled anomalous images)")
+        # Anomalous images are checked (and their label kind decided) before anything is written.
+        self.anomaly_samples, self.labels = [], None
+        if options.get("anomalies") is not None:
+            self.anomaly_samples, self.labels = list_anomaly_samples(
+                options["anomalies"], options.get("anomaly_labels"), options.get("anomaly_masks"))
+
+    def config_overrides(self) -> dict:
+        return super().config_overrides() | {"anomaly_labels": self.labels}
+
+    def check_config(self, cfg: ADTRConfig) -> None:
+        super().check_config(cfg)
+        if cfg.anomaly_labels is not None and not self.anomaly_samples:
+            raise FastADError(f"{'cannot resume without' if self.resume else 'config asks for'} "
+                              "labelled anomalies: pass --anomalies DIR")
+
+    def backbone(self, cfg: ADTRConfig, saved_run):
+        return FeatureExtractor(cfg.backbone, cfg.strides, weights=self.options.get("weights") or "auto")
+
+    def prepare(self, model: ADTR, samples, device, progress: bool) -> dict:
+        self.model, self.device = model, device
+        cfg = model.cfg
+        t0 = time.perf_counter()
+        self.tokens, synthetic_pool = _cache_normal_and_synthetic(model, samples, device, progress)
+        labelled = (_cache_labelled_anomalies(model, self.anomaly_samples, self.labels, device)
+                    if self.anomaly_samples else None)
+        pools = [p for p in (labelled, synthetic_pool) if p is not None]
+        self.pool = AnomalyPool(*(torch.cat(parts) for parts in zip(*pools))) if pools else None
+        feature_seconds = time.perf_counter() - t0
+        model.fit_normalisation(self.tokens)
+        seed_everything(cfg.seed)  # the transformer's training does not depend on the pool's RNG use
+        anomalies = self.options.get("anomalies")
+        return {"num_labelled_anomalies": len(self.anomaly_samples),
+                "anomalies": str(Path(anomalies).resolve()) if anomalies is not None else None,
+                "num_synthetic_anomalies": len(synthetic_pool) if synthetic_pool is not None else 0,
+                "feature_seconds": round(feature_seconds, 2)}
+
+    def stages(self, model: ADTR, device) -> list[Stage]:
+        cfg, pool = model.cfg, self.pool
+        params = [p for p in model.transformer.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        stage = Stage("train", cfg.epochs, opt, None, len(self.tokens), cfg.batch_size)
+        total_steps = cfg.epochs * stage.steps_per_epoch
+        order = {}
+
+        def lr_at(step: int) -> float:  # cosine decay from lr to 1% of lr over the whole schedule
+            return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+
+        def epoch_begin(gen):
+            model.train()
+            order["anomalies"] = torch.randperm(len(pool), generator=gen) if pool is not None else None
+
+        def step(idx, gen, step_index):
+            x = self.tokens[idx].to(device, non_blocking=True)
+            if pool is None:
+                loss = mse_loss(x, model.reconstruct(x))
+                loss.backward()
+                return {"loss": loss.item(), "normal": loss.item(), "anomalous": 0.0}
+            k = min(cfg.anomaly_batch, len(pool))
+            pick = order["anomalies"][(step_index * k + torch.arange(k)) % len(pool)]
+            xa = pool.tokens[pick].to(device)
+            phi = pseudo_huber_score(torch.cat([x, xa]), model.reconstruct(torch.cat([x, xa])))
+            phi_n, phi_a = phi[:len(x)], phi[len(x):]
+            px = pool.pixel[pick].to(device)
+            losses = anomaly_available_loss(
+                phi_n, phi_a[px] if bool(px.any()) else None, pool.y[pick].to(device)[px],
+                phi_a[~px] if bool((~px).any()) else None, cfg)
+            losses.total.backward()
+            return {"loss": losses.total.item(), "normal": losses.normal.item(), "anomalous": losses.anomalous.item()}
+
+        stage.step, stage.lr_at, stage.epoch_begin = step, lr_at, epoch_begin
+        return [stage]
+
+    def resumed(self, record: dict) -> None:
+        self.model.fit_normalisation(self.tokens)
+
+    @torch.no_grad()
+    def image_scores(self, max_images: int = 64, batch_size: int = 16):
+        n = min(max_images, self.tokens.shape[0])
+        scores = [self.model.score_tokens(self.tokens[i:min(i + batch_size, n)].to(self.device))[1].float().cpu()
+                  for i in range(0, n, batch_size)]
+        return torch.cat(scores).numpy()
+
+
+@torch.no_grad()
+def _cache_normal_and_synthetic(model: ADTR, samples: list, device: torch.device, progress: bool,
+                                batch_size: int = 16) -> tuple[torch.Tensor, AnomalyPool | None]:
+    """Features of the normal training images (n, N, C) and, when cfg.synthetic is set, of a pool
+    of synthetic anomalies made from them (cfg.synthetic_pool images, default one per image)."""
+    from tqdm.auto import tqdm
+
+    cfg = model.cfg
+    n = len(samples)
+    n_syn = (cfg.synthetic_pool or n) if cfg.synthetic else 0
+    per_chunk = [0] * math.ceil(n / batch_size)
+    for i in range(n_syn):  # synthetic image i comes from chunk (i mod n) // batch_size
+        per_chunk[(i % n) // batch_size] += 1
+    normal, syn_tokens, syn_y = [], [], []
+    bar = tqdm(total=n + n_syn, desc="features", unit="img", disable=None if progress else True, leave=False)
+    for c, start in enumerate(range(0, n, batch_size)):
+        chunk = samples[start:start + batch_size]
+        images = prepare_images([s.path for s in chunk], cfg.resize, cfg.crop)
+        normal.append(model.tokens(images.to(device)).float().cpu())
+        if per_chunk[c]:
+            imgs, masks = synthesise(images, cfg.synthetic, per_chunk[c], seed=cfg.seed * 7919 + c)
+            syn_tokens.append(model.tokens(imgs.to(device)).float().cpu())
+            syn_y.append(grid_labels(masks, model.grid))
+        bar.update(len(chunk) + per_chunk[c])
+    bar.close()
+    pool = None
+    if n_syn:
+        t = torch.cat(syn_tokens)
+        pool = AnomalyPool(t, torch.cat(syn_y), torch.ones(len(t), dtype=torch.bool))
+    return torch.cat(normal), pool
+
+
+@torch.no_grad()
+def _cache_labelled_anomalies(model: ADTR, samples: list, labels: str, device: torch.device,
+                              batch_size: int = 16) -> AnomalyPool:
+    """Features (and grid labels from the masks, for pixel labels) of user-labelled anomalies."""
+    cfg = model.cfg
+    ds = AnomalyDataset(samples, cfg.resize, cfg.crop)
+    items = [ds[i] for i in range(len(ds))]  # reads (and checks) every file before training
+    masks = torch.stack([it["mask"][0] for it in items])
+    if labels == "pixel":
+        for s, m in zip(samples, masks):
+            if not bool(m.any()):
+                raise FastADError(f"mask {s.mask_path} of anomalous image {s.path} is empty "
+                                  "(pixel labels need the defect marked; use --anomaly-labels image otherwise)")
+    images = torch.stack([it["image"] for it in items])
+    tokens = torch.cat([model.tokens(images[i:i + batch_size].to(device)).float().cpu()
+                        for i in range(0, len(images), batch_size)])
+    return AnomalyPool(tokens, grid_labels(masks, model.grid), torch.full((len(tokens),), labels == "pixel"))

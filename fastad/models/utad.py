@@ -67,6 +67,9 @@ not used at inference.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,9 +78,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.feature_distance import feature_distance_map, multi_level_distance_map
+from ..backbones import FeatureExtractor, available_strides
+from ..data.images import prepare_images
+from ..errors import FastADError
+from ..training.task import Option, Stage, Task
 from ..utils import JSONConfig
 from .fod import GaussianBlur
 
+SCHEDULES = ("cpu", "gpu")
 PM_DEFAULTS = {"efficientnet_lite0": (4, 8, 16), "vgg19": (1, 2, 4)}
 
 
@@ -507,3 +515,169 @@ def pm_reference(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor], size:
             d = d / scale[i]
         total = total + F.interpolate(d[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Training task (driven by fastad.training.loop): stage 1 IE-Net, stage 2 Expert-Net, PM fit
+# --------------------------------------------------------------------------------------------
+TRAIN_OPTIONS = (
+    Option("schedule", "--schedule", dict(choices=list(SCHEDULES), help="cpu (default, short) or gpu (paper-sized)")),
+    Option("pm_backbone", "--pm-backbone", dict(help="perceptual network (default efficientnet_lite0; vgg19)")),
+    Option("pm_weights", "--pm-weights", dict(help="perceptual network weights file (alone: VGG-19 weights)")),
+    Option("epochs1", None),  # Python API: the stages' epochs one by one (`epochs` sets both)
+    Option("epochs2", None),
+)
+
+
+def cpu_threads() -> int:
+    """Intra-op threads for CPU training: FASTAD_THREADS, else half the cores (>= 1). With every
+    core busy, OpenMP threads wait for a core another process holds and the small UTAD steps get
+    many times slower (docs/results.md)."""
+    env = os.environ.get("FASTAD_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise FastADError(f"FASTAD_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise FastADError(f"FASTAD_THREADS must be a positive integer, got {env!r}")
+        return n
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def pm_network_defaults(pm_backbone: str | None, pm_weights) -> tuple[str, tuple[int, ...]]:
+    """Which PM network: a given `pm_weights` file without a name means the paper's VGG-19."""
+    name = pm_backbone or ("vgg19" if pm_weights not in (None, "auto") else "efficientnet_lite0")
+    if name in PM_DEFAULTS:
+        return name, PM_DEFAULTS[name]
+    strides = available_strides(name)  # unknown name -> FastADError
+    if len(strides) < 3:
+        raise FastADError(f"PM backbone {name} has fewer than three feature depths ({strides})")
+    return name, tuple(strides[:3])
+
+
+class UTADTask(Task):
+    """Stage 1 trains IE-Net on the normal images; stage 2 trains Expert-Net on (image,
+    impression) pairs; then the PM normalisers are fitted on the training images. Everything
+    frozen is computed once: the training images at the internal resolution, and before stage 2
+    their impressions. `epochs` sets both stages' epochs (on resume: stage 2's); `lr` both rates."""
+
+    config_class = UTADConfig
+    epoch_fields = ("epochs1", "epochs2")
+
+    def __init__(self, options: dict, resume: bool = False):
+        super().__init__(options, resume)
+        if options.get("backbone") or options.get("weights") not in (None, "auto"):
+            raise FastADError("UTAD has no feature backbone: use --pm-backbone / --pm-weights for its perceptual network")
+        if options.get("schedule") not in (None, *SCHEDULES):
+            raise FastADError(f"unknown schedule {options['schedule']!r} (use {' or '.join(SCHEDULES)})")
+
+    def default_config(self) -> UTADConfig:
+        return UTADConfig.gpu() if self.options.get("schedule") == "gpu" else UTADConfig()
+
+    def config_overrides(self) -> dict:
+        o = self.options
+        epochs = o.get("epochs")
+        out = {"epochs1": o.get("epochs1") if o.get("epochs1") is not None else (None if self.resume else epochs),
+               "epochs2": o.get("epochs2") if o.get("epochs2") is not None else epochs,
+               "batch_size": o.get("batch_size"), "seed": o.get("seed"),
+               "lr1": o.get("lr"), "lr2": o.get("lr")}
+        if o.get("pm_backbone") is not None or o.get("pm_weights") not in (None, "auto"):
+            out["pm_backbone"], out["pm_strides"] = pm_network_defaults(o.get("pm_backbone"), o.get("pm_weights"))
+        return out
+
+    def check_config(self, cfg: UTADConfig) -> None:
+        if min(cfg.epochs1, cfg.epochs2) < 0 or cfg.batch_size < 2 or not (cfg.lr1 > 0 and cfg.lr2 > 0):
+            raise FastADError(f"epochs must be >= 0, batch size >= 2 (the MI term shuffles within a batch) "
+                              f"and lr > 0 (got {cfg.epochs1}/{cfg.epochs2}, {cfg.batch_size}, {cfg.lr1}/{cfg.lr2})")
+
+    def check_data(self, samples: list) -> None:
+        if len(samples) < 2:
+            raise FastADError(f"UTAD needs at least 2 training images, found {len(samples)}")
+
+    @contextlib.contextmanager
+    def threads(self, device: torch.device):
+        before = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads())
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def backbone(self, cfg: UTADConfig, saved_run):
+        pm_weights = self.options.get("pm_weights")
+        if pm_weights in (None, "auto") and cfg.pm_backbone == "vgg19":
+            raise FastADError("the VGG-19 perceptual network needs its weights file (--pm-weights FILE); "
+                              "none can be downloaded here")
+        weights = pm_weights or "auto"
+        if saved_run and pm_weights in (None, "auto") and saved_run["backbone"]["weights_source"].startswith("file:"):
+            weights = saved_run["backbone"]["weights_source"]  # resume with the file it was trained with
+        if isinstance(weights, str) and weights.startswith("file:"):
+            weights = weights[5:]
+        return FeatureExtractor(cfg.pm_backbone, cfg.pm_strides, weights=weights)
+
+    def prepare(self, model: "UTAD", samples, device, progress: bool) -> dict:
+        self.model, self.device = model, device
+        t0 = time.perf_counter()
+        images = prepare_images([s.path for s in samples], model.cfg.resize, model.cfg.crop)
+        self.images = _batched(model.to_internal, images, "cpu")  # (n, 3, s, s) on the CPU
+        return {"schedule": model.cfg.schedule, "load_seconds": round(time.perf_counter() - t0, 2),
+                "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+    def stages(self, model: "UTAD", device) -> list[Stage]:
+        cfg, images = model.cfg, self.images
+        opt1 = torch.optim.Adam(model.ie.parameters(), lr=cfg.lr1)
+        opt2 = torch.optim.Adam(model.expert.parameters(), lr=cfg.lr2)
+
+        def step1(idx, gen, _):
+            losses = stage1_losses(model.ie, images[idx].to(device, non_blocking=True), cfg, generator=gen)
+            losses.total.backward()
+            return {k: float(v.detach()) for k, v in losses._asdict().items()}
+
+        def begin2():  # stage 2's inputs: the frozen impressions of the trained IE-Net
+            t0 = time.perf_counter()
+            self.impressions = _batched(model.ie, images, device)
+            self.impression_seconds = round(time.perf_counter() - t0, 2)
+            model.expert.train()
+
+        def step2(idx, gen, _):
+            x = images[idx].to(device, non_blocking=True)
+            losses = stage2_losses(model.expert, x, self.impressions[idx].to(device, non_blocking=True), cfg)
+            losses.total.backward()
+            return {k: float(v.detach()) for k, v in losses._asdict().items()}
+
+        n = len(images)
+        return [Stage("stage1", cfg.epochs1, opt1, step1, n, cfg.batch_size,
+                      begin=model.ie.train, end=model.ie.eval),
+                Stage("stage2", cfg.epochs2, opt2, step2, n, cfg.batch_size, seed_offset=500,
+                      begin=begin2, end=model.eval)]
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """The PM normalisers (choice 2) from the training images."""
+        t0 = time.perf_counter()
+        model, n = self.model, len(self.images)
+        model.pm_scale.fill_(1.0)
+        sums = torch.zeros(2, len(model.cfg.pm_strides))
+        for i in range(0, n, 16):
+            chunk = self.images[i:i + 16].to(self.device)
+            sums += model.level_means(chunk) * chunk.shape[0]
+        model.fit_pm(sums / n)
+        return {"impression_seconds": self.impression_seconds, "fit_seconds": round(time.perf_counter() - t0, 2),
+                "pm_scale": model.pm_scale.cpu().tolist()}
+
+    @torch.no_grad()
+    def image_scores(self, max_images: int = 64, batch_size: int = 8):
+        n = min(max_images, self.images.shape[0])
+        scores = []
+        for i in range(0, n, batch_size):
+            st = self.model.stages(self.images[i:min(i + batch_size, n)].to(self.device))
+            amap = self.model.blur(self.model.pm_terms(st).sum(1))
+            scores.append(amap.flatten(1).amax(1).float().cpu())
+        return torch.cat(scores).numpy()
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])

@@ -1,0 +1,210 @@
+"""The training loop, once for every family: `train(data, out, model=..., **options)`.
+
+Read top-down: `train` (checks, config, model, task, stages, run files) → `_run_stages` (resume
+bookkeeping, one stage after another) → `_run_epoch` (shuffle, steps, finite checks) → config
+resolution. Family specifics come from the registry entry's `Task` (fastad.training.task).
+
+Everything that can fail on user input (paths, options, data, configs) fails before the first
+byte is written. The schedule is fixed: model selection never looks at test data. A run
+interrupted after an epoch continues from its checkpoint with `resume=True` and ends with the
+same weights as an uninterrupted run (shuffling is seeded per epoch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import registry
+from ..data.layouts import list_samples
+from ..errors import FastADError
+from ..run import (check_run_dir, load_checkpoint, run_config, save_checkpoint, saved_run_config,
+                   write_run)
+from ..utils import resolve_device, seed_everything
+from .task import Stage, Task
+
+log = logging.getLogger(__name__)
+
+
+def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod", layout: str | None = None,
+          device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
+          config=None, **options) -> Path:
+    """Train a model family on the normal training images of `data`; write the run to `out`.
+
+    `options`: the shared ones (epochs, backbone, weights, batch_size, lr, seed; None = the
+    config's value) and the family's own (`Family.options`, e.g. FOD's `hypercolumn`, ADTR's
+    `anomalies`). `config`: a full config to start from instead of the family's defaults.
+    With `resume`, only the epochs may change. -> `out`.
+    """
+    family = registry.get(model)
+    known = {"epochs", "backbone", "weights", "batch_size", "lr", "seed"} | {o.dest for o in family.options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FastADError(f"{', '.join(unknown)}: not an option of {family.name} training")
+    out = Path(out)
+    check_run_dir(out, resume, overwrite)
+    dev = resolve_device(device)
+    task: Task = family.task(options, resume=resume)
+    saved = saved_run_config(out) if resume else None
+    if saved is not None and saved.get("model", "fod") != family.name:
+        raise FastADError(f"cannot resume {out} as {family.name}: it is a {saved.get('model')} run")
+    cfg = _resolve_config(task, config, saved, out)
+    samples = list_samples(data, "train", layout=layout)
+    task.check_data(samples)
+
+    with task.threads(dev):
+        seed_everything(cfg.seed)
+        backbone = task.backbone(cfg, saved)
+        if saved is not None and saved["backbone"]["fingerprint"] != backbone.fingerprint():
+            raise FastADError(f"cannot resume {out}: its backbone weights ({saved['backbone']['weights_source']}) "
+                              f"differ from the ones loaded now ({backbone.weights_source})")
+        try:
+            net = family.build(cfg, backbone).to(dev)
+        except ValueError as e:
+            raise FastADError(f"invalid {family.name} config: {e}") from None
+        meta = {"data": str(Path(data).resolve()), "layout": layout, "num_train_images": len(samples),
+                "device": str(dev), "torch": torch.__version__, "python": platform.python_version()}
+        meta |= task.prepare(net, samples, dev, progress)
+        stages = task.stages(net, dev)
+        history, seconds = _run_stages(family.name, task, net, stages, cfg.seed, out, resume, meta, progress)
+        net.eval()
+        finish = task.finish()
+        normal = score_stats(task.image_scores())
+    training = {**meta, **finish, **_epochs_record(stages, seconds), "history": history}
+    write_run(out, family.name, net, training, normal)
+    return out
+
+
+def _epochs_record(stages: list[Stage], seconds: dict[str, float]) -> dict:
+    """The training record's epoch counts and times: one stage keeps the flat form."""
+    if len(stages) == 1:
+        return {"epochs_done": stages[0].epochs, "train_seconds": seconds[stages[0].name]}
+    return {"stages": {s.name: {"epochs_done": s.epochs, "seconds": seconds[s.name]} for s in stages},
+            "train_seconds": round(sum(seconds.values()), 2)}
+
+
+def score_stats(scores) -> dict:
+    """Statistics of image scores on normal training images (the `normal_scores` of a run):
+    in-sample, a scale for heatmap colours and a start for thresholds, never test statistics."""
+    s = np.asarray(scores, dtype=np.float64)
+    return {"num_images": int(s.size), "mean": float(s.mean()), "std": float(s.std()), "max": float(s.max()),
+            "p99": float(np.percentile(s, 99))}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages and epochs
+# --------------------------------------------------------------------------------------------
+def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, out: Path, resume: bool,
+                meta: dict, progress: bool) -> tuple[list[dict], dict[str, float]]:
+    """Every stage's epochs (continuing a checkpoint with `resume`), checkpointing after each
+    epoch. -> (history, seconds per stage)."""
+    optimizers = [s.optimizer for s in stages]
+    done = {s.name: 0 for s in stages}
+    seconds = {s.name: 0.0 for s in stages}
+    history: list[dict] = []
+    if resume:
+        record = _upgrade_record(load_checkpoint(out, model, optimizers), stages)
+        done, seconds, history = record["epochs_done"], record["seconds"], record["history"]
+        for i, earlier in enumerate(stages[:-1]):
+            if earlier.epochs != done[earlier.name] and any(done[s.name] for s in stages[i + 1:]):
+                raise FastADError(f"cannot change {earlier.name} epochs of {out} after a later stage started "
+                                  f"({done[earlier.name]} done); only the last started stage can be extended")
+        task.resumed(record)
+
+    for stage in stages:
+        if stage.begin is not None:
+            stage.begin()
+        for epoch in range(done[stage.name], stage.epochs):
+            t0 = time.perf_counter()
+            means = _run_epoch(stage, epoch, seed, progress, multi=len(stages) > 1)
+            secs = time.perf_counter() - t0
+            done[stage.name] = epoch + 1
+            seconds[stage.name] = round(seconds[stage.name] + secs, 2)
+            history.append({**({"stage": stage.name} if len(stages) > 1 else {}), "epoch": epoch + 1,
+                            "seconds": round(secs, 2), **{k: round(v, 6) for k, v in means.items()}})
+            log.info("%s epoch %d/%d  %.1fs  %s", stage.name, epoch + 1, stage.epochs, secs,
+                     "  ".join(f"{k}={v:.5f}" for k, v in means.items()))
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(out, model, optimizers, {
+                "epochs_done": done, "seconds": seconds, "history": history, **task.checkpoint_state(),
+                "run": run_config(family, model, {"training": meta})})
+        if stage.end is not None:
+            stage.end()
+    if resume and all(done[s.name] >= s.epochs for s in stages) and not history[-1:]:
+        log.info("nothing to train: %s already has every epoch", out)
+    return history, seconds
+
+
+def _run_epoch(stage: Stage, epoch: int, seed: int, progress: bool, multi: bool) -> dict[str, float]:
+    """One shuffled pass; -> the mean of every loss value over the epoch's steps."""
+    from tqdm.auto import tqdm
+
+    steps, bs = stage.steps_per_epoch, min(stage.batch_size, stage.num_samples)
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch + stage.seed_offset)  # resumable shuffling
+    order = torch.randperm(stage.num_samples, generator=gen)
+    if stage.epoch_begin is not None:
+        stage.epoch_begin(gen)
+    sums: dict[str, float] = {}
+    desc = f"{stage.name + ' ' if multi else ''}epoch {epoch + 1}/{stage.epochs}"
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=None if progress else True, leave=False)
+    for step in bar:
+        if stage.lr_at is not None:
+            for group in stage.optimizer.param_groups:
+                group["lr"] = stage.lr_at(epoch * steps + step)
+        losses = stage.step(order[step * bs:(step + 1) * bs], gen, step)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if not all(math.isfinite(v) for v in sums.values()):
+            raise FastADError(f"{stage.name} diverged at epoch {epoch + 1} step {step + 1} (non-finite loss)")
+        stage.optimizer.step()
+        stage.optimizer.zero_grad(set_to_none=True)
+        first = next(iter(sums))
+        bar.set_postfix({first: f"{sums[first] / (step + 1):.4f}"})
+    bar.close()
+    return {k: v / steps for k, v in sums.items()}
+
+
+def _upgrade_record(record: dict, stages: list[Stage]) -> dict:
+    """Checkpoint records written before the one loop: FOD/ADTR ("epochs_done": n,
+    "train_seconds") and UTAD ("epochs1_done", "epochs2_done", "seconds" per stage)."""
+    if isinstance(record.get("epochs_done"), dict):
+        return record
+    if "epochs1_done" in record:
+        record["epochs_done"] = {stages[0].name: record.pop("epochs1_done"), stages[1].name: record.pop("epochs2_done")}
+        return record
+    record["epochs_done"] = {stages[0].name: record["epochs_done"]}
+    record["seconds"] = {stages[0].name: record.pop("train_seconds")}
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+def _resolve_config(task: Task, config, saved: dict | None, out: Path):
+    """`config` (or the task's defaults) with the options' overrides; with a saved run its
+    config, where only the epoch fields may change."""
+    overrides = {k: v for k, v in task.config_overrides().items() if v is not None}
+    if saved is not None:
+        cfg = task.config_class.from_dict(saved["config"])
+        changed = {k: (getattr(cfg, k), v) for k, v in overrides.items()
+                   if k not in task.epoch_fields and getattr(cfg, k) != v}
+        if changed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise FastADError(f"cannot resume {out} with a different config ({what}); only the epochs may change")
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if k in task.epoch_fields})
+    else:
+        cfg = replace(config or task.default_config(), **overrides)
+    try:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+    except ValueError as e:
+        raise FastADError(f"invalid config: {e}") from None
+    task.check_config(cfg)
+    return cfg
