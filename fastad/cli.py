@@ -1,4 +1,4 @@
-"""The `fastad` command: train (FOD or ADTR), eval, predict, export, check, bench, demo.
+"""The `fastad` command: train (any registered model family), eval, predict, export, check, bench, demo.
 
 User mistakes (bad paths, corrupt images, mismatched runs, bad values) raise FastADError and
 end as one line `error: …` on stderr with exit status 2 — never a traceback. Outputs are
@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-defects", metavar="NAMES",
                    help="comma-separated defect types to leave out of the test set (e.g. the type "
                         "whose images were given to anomaly-available training)")
-    p.add_argument("--intermediates", help="UTAD: write per-image strips (input, impression, reconstruction, "
-                   "naive impression, PM maps) into this directory")
+    p.add_argument("--intermediates", help="write per-image strips of the model's intermediates into this "
+                   "directory (families with intermediates: " +
+                   ", ".join(f.name for f in registry.FAMILIES.values() if f.explain) + ")")
     common(p)
     p.set_defaults(func=cmd_eval)
 

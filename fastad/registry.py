@@ -33,7 +33,7 @@ class Family:
 
     def build(self, cfg, backbone, impl: str = "reference"):
         model = self.model(cfg, backbone)  # MERGE: impl goes to the constructor
-        if impl != "reference":
+        if impl != "reference" and hasattr(model, "use_kernels"):
             model.use_kernels({"lean": "torch", "triton": "triton"}[impl])
         return model
 

@@ -39,8 +39,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod"
     """Train a model family on the normal training images of `data`; write the run to `out`.
 
     `options`: the shared ones (epochs, backbone, weights, batch_size, lr, seed; None = the
-    config's value) and the family's own (`Family.options`, e.g. FOD's `hypercolumn`, ADTR's
-    `anomalies`). `config`: a full config to start from instead of the family's defaults.
+    config's value) and the family's own (`Family.options` of its registry entry).
+    `config`: a full config to start from instead of the family's defaults.
     With `resume`, only the epochs may change. -> `out`.
     """
     family = registry.get(model)
@@ -172,8 +172,8 @@ def _run_epoch(stage: Stage, epoch: int, seed: int, progress: bool, multi: bool)
 
 
 def _upgrade_record(record: dict, stages: list[Stage]) -> dict:
-    """Checkpoint records written before the one loop: FOD/ADTR ("epochs_done": n,
-    "train_seconds") and UTAD ("epochs1_done", "epochs2_done", "seconds" per stage)."""
+    """Checkpoint records written before the one loop: one stage ("epochs_done": n,
+    "train_seconds") or two ("epochs1_done", "epochs2_done", "seconds" per stage)."""
     if isinstance(record.get("epochs_done"), dict):
         return record
     if "epochs1_done" in record:
