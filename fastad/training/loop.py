@@ -55,7 +55,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod"
     saved = saved_run_config(out) if resume else None
     if saved is not None and saved.get("model", "fod") != family.name:
         raise FastADError(f"cannot resume {out} as {family.name}: it is a {saved.get('model')} run")
-    cfg = _resolve_config(task, config, saved, out)
+    cfg = _resolve_config(family.name, task, config, saved, out)
     samples = list_samples(data, "train", layout=layout)
     task.check_data(samples)
 
@@ -109,6 +109,7 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
     done = {s.name: 0 for s in stages}
     seconds = {s.name: 0.0 for s in stages}
     history: list[dict] = []
+    trained = False
     if resume:
         record = _upgrade_record(load_checkpoint(out, model, optimizers), stages)
         done, seconds, history = record["epochs_done"], record["seconds"], record["history"]
@@ -123,6 +124,7 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
             stage.begin()
         for epoch in range(done[stage.name], stage.epochs):
             t0 = time.perf_counter()
+            trained = True
             means = _run_epoch(stage, epoch, seed, progress, multi=len(stages) > 1)
             secs = time.perf_counter() - t0
             done[stage.name] = epoch + 1
@@ -137,7 +139,7 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
                 "run": run_config(family, model, {"training": meta})})
         if stage.end is not None:
             stage.end()
-    if resume and all(done[s.name] >= s.epochs for s in stages) and not history[-1:]:
+    if not trained:
         log.info("nothing to train: %s already has every epoch", out)
     return history, seconds
 
@@ -187,7 +189,7 @@ def _upgrade_record(record: dict, stages: list[Stage]) -> dict:
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-def _resolve_config(task: Task, config, saved: dict | None, out: Path):
+def _resolve_config(family: str, task: Task, config, saved: dict | None, out: Path):
     """`config` (or the task's defaults) with the options' overrides; with a saved run its
     config, where only the epoch fields may change."""
     overrides = {k: v for k, v in task.config_overrides().items() if v is not None}
@@ -205,6 +207,6 @@ def _resolve_config(task: Task, config, saved: dict | None, out: Path):
         if hasattr(cfg, "validate"):
             cfg.validate()
     except ValueError as e:
-        raise FastADError(f"invalid config: {e}") from None
+        raise FastADError(f"invalid {family} config: {e}") from None
     task.check_config(cfg)
     return cfg
