@@ -35,8 +35,9 @@ from .data.dataset import AnomalyDataset
 from .data.images import prepare_images
 from .data.layouts import Sample, list_anomaly_samples, list_samples
 from .errors import FastADError
+from .data.synthetic import synthesise
 from .models.adtr import (ADTR, ADTRConfig, anomaly_available_loss, grid_labels, mse_loss,
-                          pseudo_huber_score, synthesise)
+                          pseudo_huber_score)
 from .train import (_check_run_dir, check_resume_backbone, load_checkpoint, resolve_config,
                     resolve_device, run_config, save_checkpoint, score_stats, write_run)
 from .utils import seed_everything
