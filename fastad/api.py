@@ -23,6 +23,7 @@ from .data.images import prepare_images
 from .errors import FastADError
 from .models.adtr import ADTR, ADTRConfig
 from .models.fod import FOD, FODConfig
+from .ops import set_impl
 from .train import CONFIG_FILE, WEIGHTS_FILE, resolve_device
 
 # "model" key of a run's config.json -> (config class, model class)
@@ -142,6 +143,10 @@ def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None =
     fastad.kernels (FOD: fused Triton I2Correlation on CUDA, memory-lean torch blocks elsewhere;
     ADTR: the fused L2 feature distance)."""
     model, conf = load_model(run_dir, device)
-    if backend is not None:
-        model.use_kernels(backend)
+    if backend is not None:  # the kernels' names of before fastad.backends ("torch" was the lean path)
+        on_cuda = next(model.parameters()).is_cuda
+        impl = {"torch": "lean", "triton": "triton", "auto": "triton" if on_cuda else "lean"}.get(backend)
+        if impl is None:
+            raise FastADError(f"backend must be None, auto, triton or torch, got {backend!r}")
+        set_impl(model, impl)
     return ModelPredictor(model, conf)

@@ -72,11 +72,12 @@ class TorchEngine:
 
     def __init__(self, run_dir, backend: str = "torch", device: str = "auto"):
         from .api import load_model
+        from .ops import impl_of_backend, set_impl
 
         model, conf = load_model(run_dir, device)
         if backend == "triton" and next(model.parameters()).device.type != "cuda":
             raise FastADError("backend triton needs a CUDA device (use torch or torch-lean on CPU)")
-        model.use_kernels({"torch": None, "torch-lean": "torch", "triton": "triton"}[backend])
+        set_impl(model, impl_of_backend(backend))
         self.model, self.name = model, backend
         self.device = next(model.parameters()).device
         cfg = model.cfg

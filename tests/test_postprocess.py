@@ -91,7 +91,7 @@ def test_blur_matches_scipy(backend, sigma, truncate, shape):
 
 def test_blur_matches_fod_torch_blur():
     """The model's torch blur (FOD.anomaly_map) and the post-processing blur agree."""
-    from fastad.models.fod import GaussianBlur
+    from fastad.layers import GaussianBlur
     maps = random_maps((2, 48, 48), seed=3)
     want = GaussianBlur(4.0, 48)(torch.from_numpy(maps)).numpy()
     np.testing.assert_allclose(pp.gaussian_blur(maps, 4.0), want, rtol=0, atol=ATOL)
