@@ -8,6 +8,8 @@ Normal images are random crops (with flips and mild brightness jitter) of a tint
 - ``cutpaste``: a patch from elsewhere in the image pasted back rotated and slightly re-lit;
 - ``color``:    an irregular region whose hue is shifted (brightness kept).
 
+(The defect functions live in `fastad.data.synthetic`.)
+
 Every defect comes with its exact binary mask (the pixels that were changed, 0/255 PNG). Output:
 train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png and fastad_demo.json.
 The result depends only on the arguments (deterministic given `seed`).
