@@ -220,22 +220,20 @@ class I2CorrelationAttention(nn.Module):
         sigma = transform_sigma(self.sigma_proj(x).view(b, n, self.n_heads, 2).transpose(1, 2))
         return q, k, v, sigma
 
-    def forward(self, x, kv, grid, *, with_stats: bool, loss_rows: torch.Tensor | None = None):
-        """-> (out (B, N, d), BranchStats | None).
+    def forward(self, x, kv, grid, loss_rows: torch.Tensor | None = None):
+        """Training path: -> (out (B, N, d), BranchStats).
 
         `loss_rows`: optional (Nq,) query indices for the divergence/entropy statistics
         (deviation 6); the output always attends with every query.
         """
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
-        if k.shape[0] != b:  # a shared reference (batch 1); fixed at trace time when exporting
+        if k.shape[0] != b:  # a shared reference (batch 1)
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        if not with_stats or loss_rows is not None:
-            # Fused attention for the output; statistics (if any) on a subset of query rows.
+        if loss_rows is not None:
+            # Fused attention for the output; statistics on a subset of query rows.
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             out = out.transpose(1, 2).reshape(b, n, h * dh)
-            if not with_stats:
-                return out, None
             q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
             logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         else:
@@ -291,8 +289,8 @@ class I2CorrelationLayer(nn.Module):
 
     def forward(self, x, ref, grid, loss_rows=None):
         """Training: -> (out, intra BranchStats, inter BranchStats)."""
-        z_intra, intra = self.intra(x, x, grid, with_stats=True, loss_rows=loss_rows)
-        z_inter, inter = self.inter(x, ref, grid, with_stats=True, loss_rows=loss_rows)
+        z_intra, intra = self.intra(x, x, grid, loss_rows)
+        z_inter, inter = self.inter(x, ref, grid, loss_rows)
         return self._mix(z_intra, z_inter), intra, inter
 
     def inference(self, x, ref, grid, impl: str):
