@@ -20,9 +20,9 @@ import torch
 from fastad.backends import IMPL_OF_BACKEND
 from fastad.errors import FastADError
 from fastad.kernels import IMPLS, I2CorrOutput
-from fastad.kernels._impl import interpreting, triton
 from fastad.kernels import feature_distance as _feature_distance
 from fastad.kernels import i2corr_attention as _i2corr_attention
+from fastad.kernels._impl import interpreting, triton
 from fastad.kernels.i2corr import (LOG_EPS, at_least_fp32, attn_entropy, patch_positions,  # noqa: F401
                                    rbf_target_at, sym_kl)
 
