@@ -103,8 +103,8 @@ class ADTRConfig(JSONConfig):
     blur_sigma: float = 4.0
     score_pool: int = 16                   # AvgPool2d kernel on the final map before the max
     # Training schedule (fastad.train). AdamW as DETR-style transformers; cosine decay to 1% of lr.
-    # 4 epochs (104 steps on MVTec bottle) is what a shared 2-core CPU affords in ~15 min with the
-    # paper's transformer (2.5–12 s per step of 8 images, depending on the machine's load).
+    # 4 epochs (104 steps on MVTec bottle) is what a 2-core CPU affords within the training budget
+    # with the paper's transformer (step times: docs/results.md, ADTR section).
     epochs: int = 4
     batch_size: int = 8
     lr: float = 5e-4

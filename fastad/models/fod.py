@@ -102,9 +102,8 @@ class FODConfig(JSONConfig):
     level_combine: str = "geometric"
     # Training schedule (used by fastad.train; stored so a run can be resumed/reproduced).
     # The authors' batch size and learning rate; 8 epochs (they run 100 and keep the best test
-    # epoch) train MVTec bottle (209 images) in 19-20 min on a 2-core CPU (10 epochs took up to
-    # 27 min on a busy machine: too close to a 30 min budget). Batch 1 is also the cheapest per
-    # image on CPU (measured 0.6 s/step vs 6 s for batch 8).
+    # epoch) keep MVTec bottle within a 30-minute CPU budget, and batch 1 is also the cheapest
+    # per image on CPU (timings: docs/results.md, "Training speed notes").
     epochs: int = 8
     batch_size: int = 1
     lr: float = 1e-4
@@ -395,8 +394,9 @@ class FOD(nn.Module):
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
 
     def compile_stats(self) -> None:
-        """Use a `torch.compile`d `correlation_stats` in every attention branch (training speed:
-        ~3x per step on CPU). Falls back to eager, with a warning, where compilation fails."""
+        """Use a `torch.compile`d `correlation_stats` in every attention branch (faster training,
+        docs/results.md "Training speed notes"). Falls back to eager, with a warning, where
+        compilation fails."""
         fn = CompiledWithFallback(correlation_stats)
         for module in self.modules():
             if isinstance(module, I2CorrelationAttention):

@@ -109,7 +109,7 @@ class UTADConfig(JSONConfig):
     pm_strides: tuple[int, ...] = (4, 8, 16)
     blur_sigma: float = 4.0
     # Schedule (fastad.train_utad). The CPU schedule (defaults) trains MVTec bottle (209 images)
-    # in 15 min on a busy 2-core CPU (stage 1 ≈ 33 s/epoch, stage 2 ≈ 18 s/epoch, docs/results.md);
+    # within the training budget on a 2-core CPU (epoch times: docs/results.md, UTAD section);
     # `UTADConfig.gpu()` / `--schedule gpu` holds the paper-sized one (not run: no GPU here).
     epochs1: int = 10
     epochs2: int = 25
