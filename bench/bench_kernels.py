@@ -4,8 +4,8 @@ Implementations timed on the same inputs:
   eager   the authors' formulation (xcyao00/FOD: `models/attention.py` + `losses.py`): σ and the
           squared-distance matrices repeated to (B, H, N, N), the RBF target with its
           1/(2πσσ) prefactor, normalised by a repeated row sum, KL terms with `+1e-4` logs
-  lean    fastad.kernels lean torch path (query blocks, separable analytic target; without
-          statistics it is PyTorch's fused SDPA)
+  lean    fastad.kernels lean torch path (cache-sized query blocks, one softmax per block,
+          separable log-space target; without statistics it is PyTorch's fused SDPA)
   triton  fastad.kernels fused two-pass Triton kernel (CUDA only)
   sdpa    torch.nn.functional.scaled_dot_product_attention: plain attention, no statistics —
           the speed-of-light reference for the attention part
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastad.kernels.i2corr import I2CorrOutput, i2corr_forward_torch, i2corr_forward_triton
+from fastad.kernels.i2corr import I2CorrOutput, i2corr_forward_lean, i2corr_forward_triton
 from fastad.utils import atomic_path, library_versions, write_json
 
 HEADS = 8
@@ -80,7 +80,7 @@ def run_impl(impl, q, k, v, sigma, grid, scale, with_stats):
     if impl == "eager":
         return eager_i2corr(q, k, v, sigma, grid, scale, with_stats)
     if impl == "lean":
-        return i2corr_forward_torch(q, k, v, sigma, grid, scale, with_stats)
+        return i2corr_forward_lean(q, k, v, sigma, grid, scale, with_stats)
     if impl == "triton":
         return i2corr_forward_triton(q, k, v, sigma, grid, scale, with_stats)
     if impl == "sdpa":

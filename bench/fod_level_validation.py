@@ -1,7 +1,7 @@
 """FOD level combinations on a validation set built without test images.
 
 Every 4th normal *training* image plus three synthetic-defect copies of each (DRAEM-style Perlin,
-CutPaste, confetti from `fastad.models.adtr.synthesise`) are scored once per level; the level
+CutPaste, confetti from `fastad.data.synthetic.synthesise`) are scored once per level; the level
 maps are then combined several ways and blurred as the model does, and image / pixel AUROC are
 printed for each, next to the no-model baseline (score = distance of each feature to the
 per-position mean training feature, i.e. FOD's reference, without transformer or weight). A diagnostic for choosing how levels are combined without looking at the test
@@ -20,8 +20,8 @@ from fastad.run import load_model
 from fastad.data.images import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
 from fastad.metrics import image_auroc, pixel_auroc
-from fastad.models.adtr import synthesise
-from fastad.models.fod import reconstruction_score
+from fastad.data.synthetic import synthesise
+from fastad.ops import feature_distance
 
 
 def validation_set(data: str, every: int, resize: int, size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -58,8 +58,9 @@ def main(argv=None) -> int:
             tokens = model.tokens(images[i:i + 8])
             model_scores.append(model.patch_scores(tokens))
             # No model: the reconstruction is the per-position mean training feature, no weight.
-            baseline_scores.append([reconstruction_score(t, level.reference.expand_as(t))
-                                    for level, t in zip(model.levels, tokens)])
+            baseline_scores.append([
+                feature_distance(t, level.reference.expand_as(t), kind="mse_cos", impl="reference")
+                for level, t in zip(model.levels, tokens)])
         maps = model.level_maps([torch.cat(s) for s in zip(*model_scores)])
         baseline = model.level_maps([torch.cat(s) for s in zip(*baseline_scores)])
         variants = {f"level {i} alone": m for i, m in enumerate(maps)}

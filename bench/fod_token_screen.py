@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from fastad.backbones import FeatureExtractor
 from fastad.data.images import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
-from fastad.models.fod import FOD, FODConfig, GaussianBlur, reconstruction_score
+from fastad.layers import GaussianBlur
+from fastad.models.fod import FOD, FODConfig
+from fastad.ops import feature_distance
 from fod_level_validation import validation_aurocs, validation_set
 
 
@@ -48,7 +50,7 @@ def distance_map(train: torch.Tensor, val: torch.Tensor, size: int) -> torch.Ten
     """Distance of each validation token to the per-position training mean, upsampled."""
     tokens = val.flatten(2).transpose(1, 2)
     reference = train.mean(0).flatten(1).t().expand_as(tokens)
-    score = reconstruction_score(tokens, reference).clamp_min(0).view(len(val), 1, *val.shape[-2:])
+    score = feature_distance(tokens, reference, kind="mse_cos", impl="reference").clamp_min(0).view(len(val), 1, *val.shape[-2:])
     return F.interpolate(score, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastad.kernels.feature_distance import feature_distance_map
-from fastad.kernels.i2corr import i2corr_attention
-from fastad.models.fod import GaussianBlur, rbf_target, sym_kl
+from fastad.kernels import feature_distance, i2corr_attention
+from fastad.kernels.i2corr import patch_positions, rbf_target_at, sym_kl
+from fastad.layers import GaussianBlur
 from fastad.runtime import prepare_any
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else [])
+IMPLS = ["lean"] + (["triton"] if DEVICE == "cuda" else [])
 
 
 def _sync(fn):
@@ -40,27 +40,26 @@ def level0():
 
 
 def test_i2corr_materialised(benchmark, level0):
-    """The model's reference formulation: full (B, H, N, N) attention, target and sym-KL."""
+    """The formulas with everything materialised: full (B, H, N, N) attention, target and sym-KL."""
     q, k, v, sigma, grid = level0
 
     def run():
         attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
-        return attn @ v, sym_kl(rbf_target(sigma, grid), attn)
+        return attn @ v, sym_kl(rbf_target_at(sigma, *patch_positions(grid, q.device), grid), attn)
 
     benchmark(_sync(run))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_i2corr_kernel(benchmark, level0, backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_i2corr_kernel(benchmark, level0, impl):
     q, k, v, sigma, grid = level0
-    benchmark(_sync(lambda: i2corr_attention(q, k, v, sigma, grid, with_stats=True, backend=backend)))
+    benchmark(_sync(lambda: i2corr_attention(q, k, v, sigma, grid, with_stats=True, impl=impl)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_feature_distance(benchmark, backend):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_feature_distance(benchmark, impl):
     x = torch.randn(8, 1024, 40, device=DEVICE)
-    benchmark(_sync(lambda: feature_distance_map(x, x + 0.1, weight=torch.rand(8, 1024, device=DEVICE),
-                                                 backend=backend)))
+    benchmark(_sync(lambda: feature_distance(x, x + 0.1, weight=torch.rand(8, 1024, device=DEVICE), impl=impl)))
 
 
 def test_blur_256(benchmark):

@@ -90,17 +90,18 @@ std::vector<RegionTuple> regions(const BoolArray& mask, const FloatArray& amap,
 
 }  // namespace
 
+// Defaults equal those of the Python twins in fastad/postprocess.py.
 PYBIND11_MODULE(_postprocess, m) {
   m.doc() = "C++ post-processing for fastad (see fastad.postprocess for the documented API)";
   m.def("upsample_bilinear", &upsample_bilinear, py::arg("maps"), py::arg("out_height"),
-        py::arg("out_width"), py::arg("align_corners"),
+        py::arg("out_width"), py::arg("align_corners") = true,
         "(B, h, w) float32 -> (B, out_height, out_width), torch bilinear semantics");
-  m.def("gaussian_blur", &gaussian_blur, py::arg("maps"), py::arg("sigma"), py::arg("truncate"),
+  m.def("gaussian_blur", &gaussian_blur, py::arg("maps"), py::arg("sigma") = 4.0, py::arg("truncate") = 4.0,
         "(B, H, W) float32 -> (B, H, W), scipy gaussian_filter mode='reflect' per map");
   m.def("threshold", &threshold, py::arg("maps"), py::arg("thr"),
         "maps > thr (float32 comparison) as a bool array of the same shape");
-  m.def("regions", &regions, py::arg("mask"), py::arg("amap"), py::arg("min_area"),
-        py::arg("connectivity"),
+  m.def("regions", &regions, py::arg("mask"), py::arg("amap"), py::arg("min_area") = 1,
+        py::arg("connectivity") = 8,
         "connected components of a (H, W) mask as tuples (x0, y0, x1, y1, area, peak_score, "
         "peak_x, peak_y, mean_score), sorted by peak_score descending");
 }

@@ -7,8 +7,9 @@ mean/std normalisation is inside) -> outputs ``anomaly_map`` float32 (B, S, S), 
 map, and ``score`` float32 (B,). The batch axis is dynamic; everything else is static, and the
 reference features, standardisation and position grids are constants in the file.
 
-The I2Correlation scoring is the model's own blocked path (`I2CorrelationAttention.inference`):
-plain MatMul / Softmax / Log / ReduceSum, one softmax per block of 256 query rows, so no
+The I2Correlation scoring is the reference impl's blocked path (`fastad.kernels.i2corr`'s lean
+path with 256-row blocks, see `fastad.ops`): plain MatMul / Softmax / Log / ReduceSum, one
+softmax per block of 256 query rows, so no
 intermediate tensor holds B·H·N² elements (TensorRT's 2³¹-element limit is reached only above
 batch 256 at 256² input; `check_onnx` computes the largest volume for a given batch).
 

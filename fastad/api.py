@@ -16,6 +16,8 @@ import torch
 
 from .data.images import prepare_images
 from .run import load_model
+from .errors import FastADError
+from .ops import set_impl
 
 
 class Prediction(NamedTuple):
@@ -68,6 +70,10 @@ def load(run_dir: str | os.PathLike, device: str = "auto", backend: str | None =
     fastad.kernels (FOD: fused Triton I2Correlation on CUDA, memory-lean torch blocks elsewhere;
     ADTR: the fused L2 feature distance)."""
     model, conf = load_model(run_dir, device)
-    if backend is not None:
-        model.use_kernels(backend)
+    if backend is not None:  # the kernels' names of before fastad.backends ("torch" was the lean path)
+        on_cuda = next(model.parameters()).is_cuda
+        impl = {"torch": "lean", "triton": "triton", "auto": "triton" if on_cuda else "lean"}.get(backend)
+        if impl is None:
+            raise FastADError(f"backend must be None, auto, triton or torch, got {backend!r}")
+        set_impl(model, impl)
     return ModelPredictor(model, conf)

@@ -73,10 +73,7 @@ class TorchEngine:
     def __init__(self, run_dir, backend: str = "torch", device: str = "auto"):
         from .run import load_model
 
-        model, conf = load_model(run_dir, device)
-        if backend == "triton" and next(model.parameters()).device.type != "cuda":
-            raise FastADError("backend triton needs a CUDA device (use torch or torch-lean on CPU)")
-        model.use_kernels({"torch": None, "torch-lean": "torch", "triton": "triton"}[backend])
+        model, conf = load_model(run_dir, device, backend)
         self.model, self.name = model, backend
         self.device = next(model.parameters()).device
         cfg = model.cfg

@@ -1,7 +1,8 @@
 """Fused I2Correlation attention with the RBF target, symmetric KL and entropy (FOD, inference).
 
-Read top-down: the Triton kernel → its launcher → the memory-lean torch path → the plain
-reference → the public `i2corr_attention`.
+Read top-down: the Triton kernel → its launcher → the torch formulas (RBF target, divergences;
+also FOD's training statistics) → the lean blocked torch path → the plain reference → the public
+`i2corr_attention`.
 
 For one head and query row i (patch i at row r_i = i // W, column c_i = i % W of the grid):
 
@@ -21,6 +22,10 @@ The Triton kernel never writes an N×M tensor: pass 1 is flash attention (online
 the output); the `+ε` terms need the *normalised* S, so pass 2 recomputes q·kᵀ with the final
 row max and sum and accumulates kl and entropy with T̂ generated from positions on the fly.
 Two passes over the keys is the exact minimum: log(S + ε) cannot be rescaled online.
+
+The lean torch path computes one softmax per block of query rows and serves both the output and
+the statistics; it is plain MatMul / Softmax / Log / ReduceSum, so it is also what the ONNX
+export traces (with blocks of 256 rows, see `fastad.ops`).
 """
 from __future__ import annotations
 
@@ -29,15 +34,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._backend import interpreting, pick_backend
-
-try:  # Triton is optional at import time: the torch backends work without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA torch wheels
-    triton = None
+from ._impl import check_impl, interpreting, tl, triton
 
 LOG_EPS = 1e-4  # the authors' smoothing constant inside every log
+
+if triton is not None:
+    # The same ε for the kernel: a GPU build reads only constexpr globals (the interpreter is lenient).
+    TL_LOG_EPS: tl.constexpr = tl.constexpr(LOG_EPS)
 
 
 class I2CorrOutput(NamedTuple):
@@ -137,8 +140,8 @@ if triton is not None:
                 dc = c_i[:, None] - (offs_n % GRID_W).to(tl.float32)[None, :]
                 t = tl.exp(-dr * dr * inv0[:, None] - dc * dc * inv1[:, None] - log_norm[:, None])
                 t = tl.where(col_ok[None, :], t, 0.0)
-                log_s = tl.log(s + LOG_EPS)
-                kl += tl.sum((t - s) * (tl.log(t + LOG_EPS) - log_s), 1)
+                log_s = tl.log(s + TL_LOG_EPS)
+                kl += tl.sum((t - s) * (tl.log(t + TL_LOG_EPS) - log_s), 1)
                 ent -= tl.sum(s * log_s, 1)
             tl.store(KL + stat_off, kl, mask=row_ok)
             tl.store(Ent + stat_off, ent, mask=row_ok)
@@ -175,8 +178,6 @@ def _use_ieee(dtype: torch.dtype) -> bool:
 def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
                           block_m: int = 64, block_n: int = 64, num_warps: int = 4) -> I2CorrOutput:
     """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, M, Dh); σ (B, H, N, 2)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
     b, h, n, dh = q.shape
     m = k.shape[2]
     k = k.expand(b, -1, -1, -1)
@@ -202,80 +203,109 @@ def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
 
 
 # --------------------------------------------------------------------------------------------
-# Memory-lean torch path (CPU, or GPUs without Triton): query blocks, analytic target
+# Torch formulas: the RBF target, divergences, entropy (one statement each; FOD's training
+# statistics use them too)
+# --------------------------------------------------------------------------------------------
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Correlation statistics run in fp32 (fp64 stays fp64, for reference checks)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def patch_positions(grid: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index of each patch, n -> (n // W, n % W). Returns two (N,) float32."""
+    h, w = grid
+    n = torch.arange(h * w, device=device)
+    return (n // w).float(), (n % w).float()
+
+
+def rbf_target_at(sigma: torch.Tensor, r_i: torch.Tensor, c_i: torch.Tensor,
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """T̂ for queries at rows r_i, columns c_i (Nq,) with σ (B, H, Nq, 2) -> (B, H, Nq, h*w), ≥ fp32.
+
+    log T̂[i, j] = a_i[r_j] + b_i[c_j] with a_i[r] = −(r_i − r)²/(2σ_i0²) − logsumexp_r(·) and
+    b_i[c] likewise over columns: the normaliser of a separable kernel is separable, and the
+    log-space softmax has no under/overflow when σ ≈ 1e-5.
+    """
+    h, w = grid
+    sigma = at_least_fp32(sigma)
+    rows = torch.arange(h, device=sigma.device, dtype=sigma.dtype)
+    cols = torch.arange(w, device=sigma.device, dtype=sigma.dtype)
+    # (B, H, Nq, h) and (B, H, Nq, w)
+    log_row = -((r_i[:, None] - rows[None, :]) ** 2) / (2 * sigma[..., 0:1] ** 2)
+    log_col = -((c_i[:, None] - cols[None, :]) ** 2) / (2 * sigma[..., 1:2] ** 2)
+    row = torch.softmax(log_row, dim=-1)
+    col = torch.softmax(log_col, dim=-1)
+    # Outer product per query: (B, H, Nq, h, 1) * (B, H, Nq, 1, w) -> (B, H, Nq, h*w)
+    return (row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2)
+
+
+def sym_kl(p: torch.Tensor, q: torch.Tensor, log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """kl(p, q) + kl(q, p) = Σ_j (p − q)(log(p + ε) − log(q + ε)) — one pass instead of two.
+    `log_q`: log(q + ε) when the caller has it already."""
+    # Evaluated in the order of the one-line formula: autograd accumulates in creation order, and
+    # FOD's training must not change by a rounding.
+    diff, log_p = p - q, torch.log(p + LOG_EPS)
+    log_q = torch.log(q + LOG_EPS) if log_q is None else log_q
+    return (diff * (log_p - log_q)).sum(-1)
+
+
+def attn_entropy(p: torch.Tensor, log_p: torch.Tensor | None = None) -> torch.Tensor:
+    """−Σ_j p log(p + ε) over the last dim. `log_p`: log(p + ε) when the caller has it already."""
+    log_p = torch.log(p + LOG_EPS) if log_p is None else log_p
+    return -(p * log_p).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Lean blocked torch path (CPU, GPUs without Triton, and the ONNX export)
 # --------------------------------------------------------------------------------------------
 def _rows_per_block(b: int, h: int, m: int, budget: int = 1 << 19) -> int:
     """Query rows per block so that one (B, H, rows, M) fp32 tile holds about `budget` elements
-    (2 MB): the element-wise statistics then run in cache. Measured on a 2-core CPU at N = 1024,
-    B = 1, H = 8: 64 rows 76 ms, 256 rows 92 ms, whole N materialised ~250 ms."""
+    (2 MB): the element-wise statistics then run in cache (block sizes timed in docs/results.md,
+    "Kernels: I2Correlation branch")."""
     rows = max(16, budget // max(1, b * h * m))
     return 1 << (rows.bit_length() - 1)  # a power of two
 
 
-def i2corr_forward_torch(q, k, v, sigma, grid, scale: float, with_stats: bool,
-                         block: int | None = None) -> I2CorrOutput:
-    """Same numbers as the kernel, `block` query rows at a time: peak extra memory
-    O(B·H·block·M) instead of O(B·H·N·M). fp32 math throughout. Without statistics only the
-    attention output is needed, which PyTorch's fused SDPA computes in O(N) memory.
-
-    The target of a block is built from its separable factors, T̂ = T̂_row ⊗ T̂_col (each factor a
-    softmax over the Hg rows / Wg columns of the grid), so it costs one multiply per element;
-    the in-place logs and `vecdot` reductions keep the tile count per block at three.
+def i2corr_forward_lean(q, k, v, sigma, grid, scale: float, with_stats: bool,
+                        block: int | None = None) -> I2CorrOutput:
+    """`block` query rows at a time (default: sized for the cache): peak extra memory
+    O(B·H·block·M) instead of O(B·H·N·M). One softmax per block serves both the output and the
+    statistics, which run in fp32 from fp32 logits; the P·V product runs in the input dtype. k and v may keep a batch of 1 (a shared reference) and
+    broadcast in the matmuls: no expand, so an exported graph has no shape arithmetic for it.
+    Without statistics only the output is needed, which PyTorch's fused SDPA computes in O(N)
+    memory.
     """
     b, h, n, dh = q.shape
-    hg, wg = grid
-    k32 = k.float().expand(b, -1, -1, -1)
-    v32 = v.float().expand(b, -1, -1, -1)
-    if not with_stats:  # plain attention: PyTorch's fused (flash / memory-efficient) kernel
-        return I2CorrOutput(F.scaled_dot_product_attention(q.float(), k32, v32, scale=scale).to(q.dtype))
+    if not with_stats:
+        if k.shape[0] != b:  # SDPA wants one batch; fixed at trace time when exporting
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        return I2CorrOutput(F.scaled_dot_product_attention(q, k, v, scale=scale))
     block = block or _rows_per_block(b, h, k.shape[2])
-    out = torch.empty_like(q)
-    inv = 0.5 / sigma.float().pow(2)  # (B, H, N, 2)
-    grid_rows = torch.arange(hg, device=q.device, dtype=torch.float32)
-    grid_cols = torch.arange(wg, device=q.device, dtype=torch.float32)
-    kl = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    ent = torch.empty_like(kl)
+    r_i, c_i = patch_positions(grid, q.device)
+    k_t = at_least_fp32(k).transpose(-1, -2)  # fp16/bf16 logits in fp32, as the kernel's tl.dot
+    out, kl, entropy = [], [], []
     for start in range(0, n, block):
-        rows = slice(start, min(start + block, n))
-        attn = torch.softmax(torch.matmul(q[:, :, rows].float(), k32.transpose(-1, -2)) * scale, dim=-1)
-        out[:, :, rows] = torch.matmul(attn, v32).to(q.dtype)
-        idx = torch.arange(rows.start, rows.stop, device=q.device)
-        r_i, c_i = (idx // wg).float(), (idx % wg).float()
-        t_row = torch.softmax(-(r_i[:, None] - grid_rows) ** 2 * inv[:, :, rows, 0:1], dim=-1)
-        t_col = torch.softmax(-(c_i[:, None] - grid_cols) ** 2 * inv[:, :, rows, 1:2], dim=-1)
-        target = (t_row[..., :, None] * t_col[..., None, :]).flatten(-2)  # (B, H, block, N)
-        log_s = torch.add(attn, LOG_EPS).log_()
-        ent[:, :, rows] = -torch.linalg.vecdot(attn, log_s)
-        log_ratio = torch.add(target, LOG_EPS).log_().sub_(log_s)  # log(T̂+ε) − log(S+ε)
-        kl[:, :, rows] = torch.linalg.vecdot(target.sub_(attn), log_ratio)
-    return I2CorrOutput(out, kl, ent)
+        rows = slice(start, start + block)
+        attn = torch.softmax(torch.matmul(at_least_fp32(q[:, :, rows]), k_t) * scale, -1)
+        out.append(torch.matmul(attn if attn.dtype == v.dtype else attn.to(v.dtype), v))
+        log_attn = torch.log(attn + LOG_EPS)
+        kl.append(sym_kl(rbf_target_at(sigma[:, :, rows], r_i[rows], c_i[rows], grid), attn, log_attn))
+        entropy.append(attn_entropy(attn, log_attn))
+    return I2CorrOutput(torch.cat(out, dim=2), torch.cat(kl, dim=-1), torch.cat(entropy, dim=-1))
 
 
 # --------------------------------------------------------------------------------------------
-# Plain reference: the formulas as written, everything materialised, float64 (tests only)
+# Plain reference: the formulas as written, everything materialised (tests; float64 inputs
+# give float64 results)
 # --------------------------------------------------------------------------------------------
 def i2corr_reference(q, k, v, sigma, grid, scale: float | None = None) -> I2CorrOutput:
-    """Slow and obviously correct: full S and T̂ (B, H, N, M) in float64."""
-    b, h, n, dh = q.shape
-    scale = dh ** -0.5 if scale is None else scale
-    q64, k64, v64 = q.double(), k.double().expand(b, -1, -1, -1), v.double().expand(b, -1, -1, -1)
-    attn = torch.softmax(q64 @ k64.transpose(-1, -2) * scale, dim=-1)
-    out = attn @ v64
-    hg, wg = grid
-    pos = torch.arange(n, device=q.device)
-    keys = torch.arange(k.shape[2], device=q.device)
-    dr = ((pos // wg)[:, None] - (keys // wg)[None, :]).double() ** 2  # (N, M)
-    dc = ((pos % wg)[:, None] - (keys % wg)[None, :]).double() ** 2
-    s0, s1 = sigma.double()[..., 0:1], sigma.double()[..., 1:2]
-    gauss = torch.exp(-dr / (2 * s0 ** 2) - dc / (2 * s1 ** 2))
-    target = gauss / gauss.sum(-1, keepdim=True)
-
-    def kl_div(p, r):
-        return (p * (torch.log(p + LOG_EPS) - torch.log(r + LOG_EPS))).sum(-1)
-
-    kl = kl_div(target, attn) + kl_div(attn, target)
-    entropy = -(attn * torch.log(attn + LOG_EPS)).sum(-1)
-    return I2CorrOutput(out, kl, entropy)
+    """Slow and obviously correct: full S and T̂ (B, H, N, M), at least fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
+    attn = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    r_i, c_i = patch_positions(grid, q.device)
+    target = rbf_target_at(sigma.to(q.dtype), r_i, c_i, grid)
+    return I2CorrOutput(attn @ v, sym_kl(target, attn), attn_entropy(attn))
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,30 +324,40 @@ def _check_inputs(q, k, v, sigma, grid):
         raise ValueError(f"sigma must be (B, H, N, 2) = {(b, h, n, 2)}, got {tuple(sigma.shape)}")
     if len(grid) != 2 or int(grid[0]) * int(grid[1]) != n:
         raise ValueError(f"grid {tuple(grid)} does not hold N = {n} patches")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    floats = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    if q.dtype not in floats or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of fp64/fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if len({q.device, k.device, v.device, sigma.device}) != 1:
         raise ValueError("q, k, v and sigma must be on one device")
 
 
 def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_stats: bool = True,
-                     backend: str = "auto") -> I2CorrOutput:
+                     impl: str = "lean", block: int | None = None) -> I2CorrOutput:
     """One I2Correlation attention branch, forward only.
 
     q (B, H, N, Dh); k, v (B or 1, H, N, Dh) — intra: keys from x, inter: from the reference;
     sigma (B, H, N, 2) already transformed, [..., 0] with the row distance, [..., 1] with the
     column distance; grid = (Hg, Wg), N = Hg·Wg, patch n at (n // Wg, n % Wg).
-    -> I2CorrOutput(out (B, H, N, Dh) in q's dtype, kl (B, H, N) fp32, entropy (B, H, N) fp32);
-    kl/entropy are None without `with_stats`. backend: "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1), "torch" (memory-lean blocks), "auto" (triton on CUDA, else torch).
+    -> I2CorrOutput(out (B, H, N, Dh) in q's dtype, kl (B, H, N), entropy (B, H, N), at least
+    fp32); kl/entropy are None without `with_stats`.
+    impl: "lean" (blocked torch, `block` query rows at a time; default sized for the cache),
+    "triton" (fp16/bf16/fp32 on CUDA, or CPU under TRITON_INTERPRET=1), "reference" (everything
+    materialised).
     """
     _check_inputs(q, k, v, sigma, grid)
     grid = (int(grid[0]), int(grid[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if pick_backend(backend, q, triton is not None) == "triton":
+    impl = check_impl(impl, q)
+    if impl == "triton":
+        if q.dtype == torch.float64:
+            raise ValueError("impl='triton' takes fp32/fp16/bf16, got float64")
         return i2corr_forward_triton(q, k, v, sigma, grid, scale, with_stats)
-    return i2corr_forward_torch(q, k, v, sigma, grid, scale, with_stats)
+    if impl == "reference":
+        res = i2corr_reference(q, k, v, sigma, grid, scale)
+        return res._replace(out=res.out.to(q.dtype)) if with_stats else I2CorrOutput(res.out.to(q.dtype))
+    return i2corr_forward_lean(q, k, v, sigma, grid, scale, with_stats, block)
 
 
-__all__ = ["I2CorrOutput", "i2corr_attention", "i2corr_reference", "i2corr_forward_torch",
-           "i2corr_forward_triton", "LOG_EPS"]
+__all__ = ["I2CorrOutput", "i2corr_attention", "i2corr_reference", "i2corr_forward_lean",
+           "i2corr_forward_triton", "rbf_target_at", "sym_kl", "attn_entropy", "patch_positions",
+           "at_least_fp32", "LOG_EPS"]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastad.kernels.feature_distance import feature_distance_map
-from fastad.models.adtr import (ADTR, ADTRConfig, SYNTHETIC_KINDS, anomaly_available_loss, grid_labels,
-                                image_label_loss, l2_distance, mse_loss, pixel_label_loss,
-                                pseudo_huber_score, synthesise)
+from fastad.data.synthetic import SYNTHETIC_KINDS, synthesise
+from fastad.kernels import feature_distance
+from fastad.models.adtr import (ADTR, ADTRConfig, anomaly_available_loss, grid_labels, image_label_loss,
+                                mse_loss, pixel_label_loss, pseudo_huber_score)
+from fastad.ops import set_impl
 
 
 @pytest.fixture
@@ -206,27 +207,26 @@ def test_synthetic_anomalies(kind):
 CAN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_kernel_l2_matches_plain_formula(backend):
-    if backend == "triton" and not CAN_TRITON:
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_kernel_l2_matches_plain_formula(impl):
+    if impl == "triton" and not CAN_TRITON:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     x, xh = torch.randn(2, 37, 176, generator=g) * 3, torch.randn(2, 37, 176, generator=g)
     want = (x.double() - xh.double()).pow(2).sum(-1).sqrt()
-    got = feature_distance_map(x.to(device), xh.to(device), metric="l2", backend=backend).cpu().double()
+    got = feature_distance(x.to(device), xh.to(device), kind="l2", impl=impl).cpu().double()
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(l2_distance(x, xh).double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_scoring_through_kernels_equals_reference(backend):
-    if backend == "triton" and not CAN_TRITON:
+@pytest.mark.parametrize("impl", ["lean", "triton"])
+def test_model_scoring_through_kernels_equals_reference(impl):
+    if impl == "triton" and not CAN_TRITON:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     model = ADTR(tiny_cfg(), RandomBackbone()).eval()
     images = torch.rand(2, 3, 32, 32)
     ref_map, ref_score = model(images)
-    fast_map, fast_score = model.use_kernels(backend)(images)
+    fast_map, fast_score = set_impl(model, impl)(images)
     assert torch.allclose(fast_map, ref_map, rtol=1e-5, atol=1e-5)
     assert torch.allclose(fast_score, ref_score, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(fast_score).all()

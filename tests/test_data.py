@@ -544,9 +544,10 @@ def test_demo_dataset(tmp_path):
 
 def test_demo_defects_change_exactly_the_mask(tmp_path):
     from fastad.data import demo
+    from fastad.data.synthetic import DEMO_DEFECTS
 
     tex = demo._texture("brick")
-    for name, fn in demo._DEFECT_FNS.items():
+    for name, fn in DEMO_DEFECTS.items():
         rng = np.random.default_rng(1)
         clean = demo._normal_image(tex, 96, rng)
         out, mask = fn(clean.copy(), rng)

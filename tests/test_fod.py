@@ -4,8 +4,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fastad.models.fod import (FOD, FODConfig, GaussianBlur, fod_level_losses, rbf_target,
-                               sym_kl, kl_div)
+from fastad.layers import GaussianBlur
+from fastad.models.fod import FOD, FODConfig, fod_level_losses
+from fastad.ops import LOG_EPS, patch_positions, rbf_target_at, sym_kl
 
 
 class RandomBackbone(torch.nn.Module):
@@ -38,7 +39,7 @@ def test_blur_matches_scipy(size):
 def test_rbf_target_rows_normalised_and_literal():
     grid = (5, 7)
     sigma = torch.tensor([1e-5, 0.3, 2.0])[torch.randint(0, 3, (1, 2, 35, 2))]
-    t = rbf_target(sigma, grid)
+    t = rbf_target_at(sigma, *patch_positions(grid), grid)
     assert torch.allclose(t.sum(-1), torch.ones(1, 2, 35), atol=1e-5)
     n = torch.arange(35)
     r, c = (n // 7).double(), (n % 7).double()
@@ -47,6 +48,11 @@ def test_rbf_target_rows_normalised_and_literal():
                     - (c[:, None] - c[None]) ** 2 / (2 * s[..., 1:2] ** 2))
     lit = lit / lit.sum(-1, keepdim=True)
     assert (t.double() - lit).abs().max() < 1e-6
+
+
+def kl_div(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_j p (log(p + 1e-4) − log(q + 1e-4)), the authors' kl_loss."""
+    return (p * (torch.log(p + LOG_EPS) - torch.log(q + LOG_EPS))).sum(-1)
 
 
 def test_sym_kl_is_two_kls():

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from fastad.kernels import i2corr_attention
 from fastad.models.fod import FOD, FODConfig, FODLevel, fod_level_losses
 
 GRID = (4, 5)
@@ -151,7 +152,7 @@ def test_scores_match_literal():
     level = make_level(1)
     tokens = torch.randn(B, N, C, dtype=torch.float64)
     with torch.no_grad():
-        ours = level.score(tokens)
+        ours = level.score(tokens, "reference")
     assert torch.allclose(ours, literal_scores(level, tokens), rtol=1e-9, atol=1e-12)
 
 
@@ -210,8 +211,9 @@ def test_blocked_inference_kl_equals_unblocked():
     x = level.embed(torch.randn(B, N, C, dtype=torch.float64))
     attn = level.layers[0].inter
     with torch.no_grad():
-        out_a, kl_a = attn.inference(x, x, GRID, with_kl=True, block=3)
-        out_b, kl_b = attn.inference(x, x, GRID, with_kl=True, block=N)
+        q, k, v, sigma = attn.project(x, x)
+        out_a, kl_a, _ = i2corr_attention(q, k, v, sigma, GRID, scale=attn.scale, impl="lean", block=3)
+        out_b, kl_b, _ = i2corr_attention(q, k, v, sigma, GRID, scale=attn.scale, impl="lean", block=N)
     assert torch.allclose(out_a, out_b) and torch.allclose(kl_a, kl_b, rtol=1e-12, atol=1e-12)
 
 
@@ -234,4 +236,5 @@ def test_standardisation_is_a_reparametrisation():
         plain.feature_scale.fill_(1)
         tokens = torch.randn(B, N, C, dtype=torch.float64)
         assert torch.allclose(std_level(tokens).recon, plain(tokens).recon, rtol=1e-9, atol=1e-9)
-        assert torch.allclose(std_level.score(tokens), plain.score(tokens), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(std_level.score(tokens, "reference"), plain.score(tokens, "reference"),
+                              rtol=1e-9, atol=1e-12)

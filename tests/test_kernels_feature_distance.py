@@ -1,15 +1,13 @@
-"""fastad.kernels.feature_distance: fused kernel and multi-level maps vs plain torch formulas."""
+"""fastad.kernels.feature_distance: fused kernel and torch formula vs plain float64 formulas."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fastad.kernels.feature_distance import (feature_distance_map, feature_distance_triton,
-                                             multi_level_distance_map)
-from fastad.models.fod import reconstruction_score
+from fastad.kernels import feature_distance
+from fastad.kernels.feature_distance import feature_distance_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAN_TRITON = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,32 +38,18 @@ def test_triton_matches_plain(dtype, c):
         assert torch.allclose(got, want, atol=atol, rtol=rtol), (got - want).abs().max()
 
 
-def test_torch_path_equals_fod_score():
-    x, xh = torch.randn(2, 50, 40), torch.randn(2, 50, 40)
-    assert torch.allclose(feature_distance_map(x, xh, backend="torch"), reconstruction_score(x, xh), atol=1e-6)
-    assert torch.allclose(feature_distance_map(x, xh, backend="torch").double(), plain(x, xh), atol=1e-5)
+@pytest.mark.parametrize("impl", ["reference", "lean"])
+def test_torch_path_matches_plain(impl):
+    x, xh, w = torch.randn(2, 50, 40), torch.randn(2, 50, 40), torch.rand(2, 50)
+    assert torch.allclose(feature_distance(x, xh, impl=impl).double(), plain(x, xh), atol=1e-5)
+    assert torch.allclose(feature_distance(x, xh, weight=w, impl=impl).double(), plain(x, xh, w), atol=1e-5)
 
 
 def test_zero_vectors_do_not_make_nan():
     x = torch.zeros(1, 4, 8)
-    assert torch.isfinite(feature_distance_map(x, x, backend="torch")).all()
+    assert torch.isfinite(feature_distance(x, x, impl="reference")).all()
     if CAN_TRITON:
         assert torch.isfinite(feature_distance_triton(x.to(DEVICE), x.to(DEVICE))).all()
-
-
-def test_multi_level_map():
-    g = torch.Generator().manual_seed(0)
-    lv = [(torch.randn(2, 16, 5, generator=g), torch.randn(2, 16, 5, generator=g)),
-          (torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g))]
-    grids = [(4, 4), (2, 2)]
-    got = multi_level_distance_map(lv, grids, (32, 32), backend="torch")
-    ups = [F.interpolate(plain(a, b).float().view(2, 1, *gr), size=(32, 32), mode="bilinear", align_corners=True)
-           for (a, b), gr in zip(lv, grids)]
-    assert torch.allclose(got, (ups[0] + ups[1])[:, 0] / 2, atol=1e-5)
-    summed = multi_level_distance_map(lv, grids, (32, 32), reduce="sum", backend="torch")
-    assert torch.allclose(summed, 2 * got, atol=1e-5)
-    with pytest.raises(ValueError, match="grid"):
-        multi_level_distance_map(lv, [(3, 3), (2, 2)], (32, 32))
 
 
 @pytest.mark.skipif(not CAN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
@@ -79,15 +63,20 @@ def test_triton_l2_matches_plain(dtype, c):
     w = torch.rand(2, 37, generator=g).to(DEVICE)
     atol, rtol = TOL[dtype]
     for weight in (None, w):
-        got = feature_distance_triton(x, xh, weight, metric="l2").double()
+        got = feature_distance_triton(x, xh, weight, kind="l2").double()
         want = (x.double() - xh.double()).pow(2).sum(-1).sqrt()
         want = want if weight is None else want * weight.double()
         assert torch.allclose(got, want, atol=atol, rtol=rtol), (got - want).abs().max()
 
 
-def test_l2_torch_path_and_bad_metric():
+def test_l2_torch_path_and_bad_arguments():
     x, xh = torch.randn(2, 50, 40), torch.randn(2, 50, 40)
-    assert torch.allclose(feature_distance_map(x, xh, metric="l2", backend="torch"), (x - xh).norm(dim=-1), atol=1e-5)
-    assert torch.isfinite(feature_distance_map(x, x, metric="l2", backend="torch")).all()
-    with pytest.raises(ValueError, match="metric"):
-        feature_distance_map(x, xh, metric="cosine")
+    assert torch.allclose(feature_distance(x, xh, kind="l2", impl="reference"), (x - xh).norm(dim=-1), atol=1e-5)
+    assert torch.isfinite(feature_distance(x, x, kind="l2", impl="reference")).all()
+    with pytest.raises(ValueError, match="kind"):
+        feature_distance(x, xh, kind="cosine")
+    with pytest.raises(ValueError, match="impl"):
+        feature_distance(x, xh, impl="torch")
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            feature_distance(x, xh, impl="triton")

@@ -7,9 +7,8 @@ import os
 import pytest
 import torch
 
-from fastad.kernels.i2corr import (i2corr_attention, i2corr_forward_torch, i2corr_forward_triton,
-                                   i2corr_reference)
-from fastad.models.fod import rbf_target, sym_kl, attn_entropy
+from fastad.kernels import i2corr_attention
+from fastad.kernels.i2corr import i2corr_forward_lean, i2corr_forward_triton, i2corr_reference
 
 # Per-dtype tolerances (atol, rtol) for out / kl / entropy against the fp64 reference.
 # fp16/bf16: inputs are rounded the same way for both sides; the kernel's P·V product runs in
@@ -37,6 +36,11 @@ def make_inputs(b=2, h=2, grid=(7, 9), dh=32, dtype=torch.float32, shared_kv=Fal
     return cast(q), cast(k), cast(v), sigma.to(DEVICE), grid
 
 
+def reference64(q, k, v, sigma, grid):
+    """The plain reference in float64: the oracle every path is checked against."""
+    return i2corr_reference(q.double(), k.double(), v.double(), sigma.double(), grid)
+
+
 def check(result, ref, dtype):
     for name in ("out", "kl", "entropy"):
         got, want = getattr(result, name).double(), getattr(ref, name)
@@ -47,13 +51,13 @@ def check(result, ref, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shared_kv", [False, True])
-def test_torch_path_matches_reference(dtype, shared_kv):
+def test_lean_path_matches_reference(dtype, shared_kv):
     q, k, v, sigma, grid = make_inputs(dtype=dtype, shared_kv=shared_kv)
-    ref = i2corr_reference(q, k, v, sigma, grid)
+    ref = reference64(q, k, v, sigma, grid)
     scale = q.shape[-1] ** -0.5
-    check(i2corr_forward_torch(q, k, v, sigma, grid, scale, True, block=16), ref, dtype)
-    check(i2corr_forward_torch(q, k, v, sigma, grid, scale, True), ref, dtype)  # default block: all rows
-    plain = i2corr_forward_torch(q, k, v, sigma, grid, scale, False)  # SDPA
+    check(i2corr_forward_lean(q, k, v, sigma, grid, scale, True, block=16), ref, dtype)
+    check(i2corr_forward_lean(q, k, v, sigma, grid, scale, True), ref, dtype)  # default block: all rows
+    plain = i2corr_forward_lean(q, k, v, sigma, grid, scale, False)  # SDPA
     assert plain.kl is None
     atol, rtol = TOL[dtype]["out"]
     assert torch.allclose(plain.out.double(), ref.out, atol=atol, rtol=rtol)
@@ -64,7 +68,7 @@ def test_benchmark_eager_baseline_is_the_reference_formula():
     from fastad.bench.bench_kernels import eager_i2corr
 
     q, k, v, sigma, grid = make_inputs(grid=(10, 10))
-    ref = i2corr_reference(q, k, v, sigma, grid)
+    ref = reference64(q, k, v, sigma, grid)
     check(eager_i2corr(q, k, v, sigma, grid, q.shape[-1] ** -0.5, True), ref, torch.float32)
 
 
@@ -73,34 +77,58 @@ def test_benchmark_eager_baseline_is_the_reference_formula():
 @pytest.mark.parametrize("dh,grid,shared_kv", [(32, (7, 9), False), (64, (5, 13), True), (48, (4, 4), False)])
 def test_triton_matches_reference(dtype, dh, grid, shared_kv):
     q, k, v, sigma, grid = make_inputs(grid=grid, dh=dh, dtype=dtype, shared_kv=shared_kv)
-    ref = i2corr_reference(q, k, v, sigma, grid)
+    ref = reference64(q, k, v, sigma, grid)
     res = i2corr_forward_triton(q, k, v, sigma, grid, dh ** -0.5, True, block_m=16, block_n=16)
     check(res, ref, dtype)
     plain = i2corr_forward_triton(q, k, v, sigma, grid, dh ** -0.5, False, block_m=16, block_n=16)
     assert plain.kl is None and torch.equal(plain.out, res.out)
 
 
-def test_reference_agrees_with_fod_model_math():
-    """The kernel's reference and the FOD model's own target/divergence functions agree."""
+def test_reference_matches_literal_formulas():
+    """The reference against the formulas spelled out: Gaussian target normalised by its sum,
+    kl(T, S) + kl(S, T) as two KLs, entropy — in float64."""
     q, k, v, sigma, grid = make_inputs(dtype=torch.float32)
-    ref = i2corr_reference(q, k, v, sigma, grid)
-    attn = torch.softmax(q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
-    target = rbf_target(sigma.double(), grid)
-    assert torch.allclose(sym_kl(target, attn), ref.kl, atol=1e-9)
-    assert torch.allclose(attn_entropy(attn), ref.entropy, atol=1e-9)
+    ref = reference64(q, k, v, sigma, grid)
+    q, k, v, sigma = q.double(), k.double(), v.double(), sigma.double()
+    attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)
+    n = torch.arange(grid[0] * grid[1])
+    dr = ((n // grid[1])[:, None] - (n // grid[1])[None, :]).double() ** 2
+    dc = ((n % grid[1])[:, None] - (n % grid[1])[None, :]).double() ** 2
+    gauss = torch.exp(-dr / (2 * sigma[..., 0:1] ** 2) - dc / (2 * sigma[..., 1:2] ** 2))
+    target = gauss / gauss.sum(-1, keepdim=True)
+
+    def kl(p, r):
+        return (p * (torch.log(p + 1e-4) - torch.log(r + 1e-4))).sum(-1)
+
+    assert torch.allclose(attn @ v, ref.out, atol=1e-12)
+    assert torch.allclose(kl(target, attn) + kl(attn, target), ref.kl, atol=1e-9)
+    assert torch.allclose(-(attn * torch.log(attn + 1e-4)).sum(-1), ref.entropy, atol=1e-9)
+
+
+def test_lean_blocks_do_not_change_numbers():
+    """Any block size gives the same rows (fp64, so only the blocking could differ)."""
+    q, k, v, sigma, grid = (t.double() if torch.is_tensor(t) else t for t in make_inputs(shared_kv=True))
+    whole = i2corr_forward_lean(q, k, v, sigma, grid, 0.2, True, block=q.shape[2])
+    for block in (3, 16):
+        part = i2corr_forward_lean(q, k, v, sigma, grid, 0.2, True, block=block)
+        for a, b in zip(part, whole):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_public_entry_point_and_errors():
     q, k, v, sigma, grid = make_inputs()
-    res = i2corr_attention(q, k, v, sigma, grid, backend="torch")
+    res = i2corr_attention(q, k, v, sigma, grid, impl="lean")
     assert res.out.shape == q.shape and res.kl.shape == q.shape[:3] and res.kl.dtype == torch.float32
     assert i2corr_attention(q, k, v, sigma, grid, with_stats=False).kl is None
     with pytest.raises(ValueError, match="grid"):
         i2corr_attention(q, k, v, sigma, (7, 8))
     with pytest.raises(ValueError, match="sigma"):
         i2corr_attention(q, k, v, sigma[:, :, :5], grid)
-    with pytest.raises(ValueError, match="backend"):
-        i2corr_attention(q, k, v, sigma, grid, backend="cuda")
+    ref = i2corr_attention(q, k, v, sigma, grid, impl="reference")
+    assert ref.out.dtype == q.dtype
+    check(ref, reference64(q, k, v, sigma, grid), torch.float32)
+    with pytest.raises(ValueError, match="impl"):
+        i2corr_attention(q, k, v, sigma, grid, impl="cuda")
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            i2corr_attention(q, k, v, sigma, grid, backend="triton")
+            i2corr_attention(q, k, v, sigma, grid, impl="triton")

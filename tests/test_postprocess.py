@@ -91,7 +91,7 @@ def test_blur_matches_scipy(backend, sigma, truncate, shape):
 
 def test_blur_matches_fod_torch_blur():
     """The model's torch blur (FOD.anomaly_map) and the post-processing blur agree."""
-    from fastad.models.fod import GaussianBlur
+    from fastad.layers import GaussianBlur
     maps = random_maps((2, 48, 48), seed=3)
     want = GaussianBlur(4.0, 48)(torch.from_numpy(maps)).numpy()
     np.testing.assert_allclose(pp.gaussian_blur(maps, 4.0), want, rtol=0, atol=ATOL)
@@ -315,3 +315,20 @@ def test_example_program_matches_python(tmp_path):
     bad = subprocess.run([str(exe), str(tmp_path / "map.f32"), "48", "63"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+@needs_cpp
+def test_cpp_defaults_equal_python_defaults():
+    """Each bound function's keyword defaults are its Python twin's (pybind11 puts them in the
+    signature line of the docstring)."""
+    import inspect
+    import re
+
+    twins = {"upsample_bilinear": {"align_corners"}, "gaussian_blur": {"sigma", "truncate"},
+             "regions": {"min_area", "connectivity"}}
+    for name, keywords in twins.items():
+        py = inspect.signature(getattr(pp, name)).parameters
+        cpp = dict(re.findall(r"(\w+): [^,=)]+ = ([^,)]+)", getattr(pp._cpp, name).__doc__.splitlines()[0]))
+        assert set(cpp) == keywords, (name, cpp)
+        for kw in keywords:
+            assert str(py[kw].default) == cpp[kw], (name, kw, py[kw].default, cpp[kw])

@@ -8,26 +8,28 @@ Normal images are random crops (with flips and mild brightness jitter) of a tint
 - ``cutpaste``: a patch from elsewhere in the image pasted back rotated and slightly re-lit;
 - ``color``:    an irregular region whose hue is shifted (brightness kept).
 
+(The defect functions live in `fastad.data.synthetic`.)
+
 Every defect comes with its exact binary mask (the pixels that were changed, 0/255 PNG). Output:
 train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png and fastad_demo.json.
 The result depends only on the arguments (deterministic given `seed`).
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from fastad.data.synthetic import DEMO_DEFECTS
 from fastad.errors import FastADError
 from fastad.utils import write_json
 
 TEXTURES = ("brick", "grass", "gravel")
-DEFECTS = ("scratch", "spot", "cutpaste", "color")
+DEFECTS = tuple(DEMO_DEFECTS)  # scratch, spot, cutpaste, color
 _TINTS = {"brick": (1.0, 0.72, 0.58), "grass": (0.72, 1.0, 0.55), "gravel": (0.95, 0.9, 0.8)}
 
 
@@ -61,92 +63,6 @@ def _normal_image(texture: np.ndarray, size: int, rng: np.random.Generator) -> n
     return np.clip(np.round(arr), 0, 255).astype(np.uint8)
 
 
-# ----------------------------------------------------------------------------- defects
-
-
-def _blob(size: int, rng: np.random.Generator, radius: float) -> np.ndarray:
-    """An irregular filled blob (bool (S, S)) of mean radius `radius` pixels, fully inside the image."""
-    cy, cx = rng.uniform(radius * 1.4, size - radius * 1.4, size=2)
-    angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-    wobble = np.ones_like(angles)
-    for k in (2, 3, 5):
-        wobble += rng.uniform(0.05, 0.15) * np.sin(k * angles + rng.uniform(0, 2 * math.pi))
-    xs, ys = cx + radius * wobble * np.cos(angles), cy + radius * wobble * np.sin(angles)
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).polygon(list(zip(xs.tolist(), ys.tolist())), fill=255)
-    return np.asarray(mask) > 0
-
-
-def _scratch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = img.shape[0]
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    for _ in range(int(rng.integers(1, 3))):
-        length = rng.uniform(0.3, 0.55) * size
-        angle = rng.uniform(0, math.pi)
-        cx, cy = rng.uniform(0.3 * size, 0.7 * size, size=2)
-        dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
-        bend = rng.uniform(-0.25, 0.25) * length  # control point offset, perpendicular to the line
-        p0, p2 = np.array([cx - dx, cy - dy]), np.array([cx + dx, cy + dy])
-        p1 = np.array([cx, cy]) + bend * np.array([-math.sin(angle), math.cos(angle)])
-        t = np.linspace(0, 1, 40)[:, None]
-        points = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-        width = max(2, int(round(rng.uniform(2, 4) * size / 256)))
-        draw.line([tuple(p) for p in points.tolist()], fill=255, width=width, joint="curve")
-    m = np.asarray(mask) > 0
-    out = img.astype(np.float32)
-    if rng.random() < 0.5:
-        out[m] = out[m] * 0.25  # dark scratch
-    else:
-        out[m] = out[m] * 0.3 + 0.7 * 235.0  # bright scratch
-    return out, m
-
-
-def _spot(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = img.shape[0]
-    m = np.zeros((size, size), dtype=bool)
-    for _ in range(int(rng.integers(1, 4))):
-        m |= _blob(size, rng, rng.uniform(0.035, 0.08) * size)
-    colours = np.array([(45, 35, 30), (210, 195, 70), (80, 90, 130), (235, 235, 225)], dtype=np.float32)
-    colour = colours[int(rng.integers(len(colours)))]
-    out = img.astype(np.float32)
-    out[m] = 0.35 * out[m] + 0.65 * colour
-    return out, m
-
-
-def _cutpaste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = img.shape[0]
-    h, w = (int(v) for v in rng.uniform(0.12, 0.25, size=2) * size)
-    sy, sx = (int(v) for v in rng.integers(0, size - max(h, w), size=2))
-    patch = Image.fromarray(img[sy : sy + h, sx : sx + w])
-    angle = float(rng.uniform(25, 155))
-    patch = patch.rotate(angle, resample=Image.NEAREST, expand=True)
-    alpha = Image.new("L", (w, h), 255).rotate(angle, resample=Image.NEAREST, expand=True)
-    py = int(rng.integers(0, size - patch.height + 1))
-    px = int(rng.integers(0, size - patch.width + 1))
-    canvas, mask = Image.fromarray(img), Image.new("L", (size, size), 0)
-    canvas.paste(patch, (px, py), alpha)
-    mask.paste(alpha, (px, py))
-    m = np.asarray(mask) > 0
-    out = np.asarray(canvas, dtype=np.float32).copy()
-    out[m] *= rng.choice([0.8, 1.2])
-    return out, m
-
-
-def _color(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    size = img.shape[0]
-    m = _blob(size, rng, rng.uniform(0.08, 0.14) * size)
-    shift = rng.normal(size=3)
-    shift -= shift.mean()  # change hue, keep brightness
-    shift *= rng.uniform(35, 55) / max(np.linalg.norm(shift), 1e-6)
-    out = img.astype(np.float32)
-    out[m] += shift.astype(np.float32)
-    return out, m
-
-
-_DEFECT_FNS = {"scratch": _scratch, "spot": _spot, "cutpaste": _cutpaste, "color": _color}
-
-
 # ----------------------------------------------------------------------------- writer
 
 
@@ -166,7 +82,7 @@ def _write_all(
     for d, defect in enumerate(DEFECTS, start=1):
         for i in range(n_test_defect):
             rng = np.random.default_rng([seed, 2, d, i])
-            img, mask = _DEFECT_FNS[defect](_normal_image(tex, size, rng), rng)
+            img, mask = DEMO_DEFECTS[defect](_normal_image(tex, size, rng), rng)
             if not mask.any():  # cannot happen with the sizes above; never write an empty mask
                 raise RuntimeError(f"demo defect {defect} {i} has an empty mask")
             _save(img, tmp / "test" / defect / f"{i:03d}.png")

@@ -72,22 +72,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastad import ops
 from fastad.backbones import FeatureExtractor
 from fastad.data.dataset import AnomalyDataset
 from fastad.data.images import prepare_images
 from fastad.data.layouts import list_anomaly_samples
+from fastad.data.synthetic import SYNTHETIC_KINDS, synthesise
 from fastad.errors import FastADError
+from fastad.layers import GaussianBlur, sincos_position_code
 from fastad.training.task import Option, Stage, Task
 from fastad.utils import JSONConfig, seed_everything
 
-from .fod import GaussianBlur, sincos_position_code
-
-SYNTHETIC_KINDS = ("confetti", "perlin", "cutpaste")
 ANOMALY_LABELS = ("image", "pixel")
 LOG_GUARD = 1e-6  # smallest s in log(1 − exp(−s)): keeps the α-term finite
 
@@ -275,11 +274,12 @@ class ADTR(nn.Module):
 
     family = "adtr"
 
-    def __init__(self, cfg: ADTRConfig, backbone: nn.Module):
+    def __init__(self, cfg: ADTRConfig, backbone: nn.Module, *, impl: str = "reference"):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.backbone = backbone
+        self.impl = ops.check_impl(impl)  # the distance's implementation (fastad.ops)
         if list(backbone.strides) != list(cfg.strides):
             raise ValueError(f"backbone strides {backbone.strides} != config {cfg.strides}")
         self.grid = cfg.grid
@@ -293,15 +293,6 @@ class ADTR(nn.Module):
         self.transformer = ReconstructionTransformer(self.in_channels, n_tokens, cfg)
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop) if cfg.blur_sigma > 0 else nn.Identity()
         self.score_pool = nn.AvgPool2d(cfg.score_pool, stride=1)
-        self.kernel_backend: str | None = None  # set by use_kernels: distance via fastad.kernels
-
-    def use_kernels(self, backend: str | None = "auto") -> "ADTR":
-        """Compute the per-position distance through fastad.kernels ("auto", "triton", "torch");
-        None returns to the plain torch formula (what export uses)."""
-        if backend not in (None, "auto", "triton", "torch"):
-            raise ValueError(f"backend must be None, auto, triton or torch, got {backend!r}")
-        self.kernel_backend = backend
-        return self
 
     # -- features ----------------------------------------------------------------------------
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -339,12 +330,7 @@ class ADTR(nn.Module):
 
     def patch_scores(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per-position ‖f − f̂‖₂ over channels (B, N)."""
-        recon = self.reconstruct(tokens)
-        if self.kernel_backend is not None:
-            from fastad.kernels.feature_distance import feature_distance_map
-
-            return feature_distance_map(tokens, recon, metric="l2", backend=self.kernel_backend)
-        return l2_distance(tokens, recon)
+        return ops.feature_distance(tokens, self.reconstruct(tokens), kind="l2", impl=self.impl)
 
     def anomaly_map(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """(B, N) -> bilinear upsample to (S, S) -> Gaussian blur -> (B, S, S)."""
@@ -363,11 +349,6 @@ class ADTR(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score_tokens(self.tokens(images))
-
-
-def l2_distance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """‖x − x̂‖₂ over the last dim: (B, N, C) -> (B, N). The scoring formula in plain torch."""
-    return ((x - x_hat) ** 2).sum(-1).sqrt()
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,95 +417,6 @@ def grid_labels(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if masks.dim() == 3:
         masks = masks.unsqueeze(1)
     return F.adaptive_avg_pool2d(masks.float(), grid).flatten(1)
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic anomalies on normal images (choice 8). Images: float (3, S, S) in [0, 1], numpy RNG.
-# --------------------------------------------------------------------------------------------
-def _perlin(size: int, res: int, rng: np.random.Generator) -> np.ndarray:
-    """2-D Perlin noise (S, S) in about [−1, 1] on a res × res lattice (size % res == 0)."""
-    d = size // res
-    angles = rng.uniform(0, 2 * np.pi, (res + 1, res + 1))
-    grads = np.stack([np.cos(angles), np.sin(angles)], -1)
-    lin = (np.arange(size) % d) / d
-    gy, gx = np.meshgrid(lin, lin, indexing="ij")
-    cy, cx = np.meshgrid(np.arange(size) // d, np.arange(size) // d, indexing="ij")
-
-    def dot(oy, ox):
-        g = grads[cy + oy, cx + ox]
-        return g[..., 0] * (gy - oy) + g[..., 1] * (gx - ox)
-
-    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3  # noqa: E731
-    uy, ux = fade(gy), fade(gx)
-    top = dot(0, 0) * (1 - ux) + dot(0, 1) * ux
-    bottom = dot(1, 0) * (1 - ux) + dot(1, 1) * ux
-    return math.sqrt(2) * (top * (1 - uy) + bottom * uy)
-
-
-def confetti(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """FCDD-style confetti noise: a few small blobs (rectangles) of random colour, partly blended."""
-    _, s, _ = img.shape
-    out, mask = img.copy(), np.zeros((s, s), bool)
-    for _ in range(int(rng.integers(1, 6))):
-        h, w = (int(v) for v in rng.integers(max(2, s // 40), max(3, s // 10), size=2))
-        y, x = int(rng.integers(0, s - h)), int(rng.integers(0, s - w))
-        colour = rng.uniform(0, 1, size=(3, 1, 1))
-        a = rng.uniform(0.6, 1.0)
-        out[:, y:y + h, x:x + w] = (1 - a) * out[:, y:y + h, x:x + w] + a * colour
-        mask[y:y + h, x:x + w] = True
-    return out, mask
-
-
-def perlin_defect(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """DRAEM-style: a thresholded Perlin-noise region filled with a coloured noise texture."""
-    _, s, _ = img.shape
-    res = int(rng.choice([r for r in (2, 4, 8, 16) if s % r == 0] or [1]))
-    mask = _perlin(s, res, rng) > 0.5
-    if mask.mean() < 0.002:  # too small to learn from: force one blob at the noise maximum
-        noise = _perlin(s, res, rng)
-        mask = noise > np.quantile(noise, 0.99)
-    tex_res = int(rng.choice([r for r in (8, 16, 32) if s % r == 0] or [1]))
-    t = (_perlin(s, tex_res, rng) + 1) / 2
-    c0, c1 = rng.uniform(0, 1, size=(2, 3, 1, 1))
-    texture = c0 * t + c1 * (1 - t)
-    beta = rng.uniform(0.0, 0.6)  # share of the original image kept inside the region
-    out = np.where(mask, beta * img + (1 - beta) * texture, img)
-    return out.astype(img.dtype), mask
-
-
-def cutpaste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """CutPaste: a rectangle (2–15% of the area, aspect 0.3–3.3) copied, colour-jittered, pasted elsewhere."""
-    _, s, _ = img.shape
-    area = rng.uniform(0.02, 0.15) * s * s
-    aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
-    h = int(min(s - 1, max(2, round(math.sqrt(area * aspect)))))
-    w = int(min(s - 1, max(2, round(math.sqrt(area / aspect)))))
-    sy, sx, ty, tx = (int(rng.integers(0, s - h)), int(rng.integers(0, s - w)),
-                      int(rng.integers(0, s - h)), int(rng.integers(0, s - w)))
-    patch = img[:, sy:sy + h, sx:sx + w] * rng.uniform(0.7, 1.3, size=(3, 1, 1)) + rng.uniform(-0.1, 0.1)
-    out, mask = img.copy(), np.zeros((s, s), bool)
-    out[:, ty:ty + h, tx:tx + w] = np.clip(patch, 0, 1)
-    mask[ty:ty + h, tx:tx + w] = True
-    return out, mask
-
-
-SYNTHESISERS = {"confetti": confetti, "perlin": perlin_defect, "cutpaste": cutpaste}
-
-
-def synthesise(images: torch.Tensor, kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` synthetic anomalies from normal images (B, 3, S, S) in [0, 1], cycling through them.
-    -> images (n, 3, S, S), masks (n, S, S) float {0, 1}. Deterministic given `seed`."""
-    if kind not in SYNTHESISERS:
-        raise ValueError(f"unknown synthetic anomaly kind {kind!r} (use {', '.join(SYNTHETIC_KINDS)})")
-    rng = np.random.default_rng(seed)
-    fn = SYNTHESISERS[kind]
-    src = images.cpu().numpy()
-    outs, masks = [], []
-    for i in range(n):
-        img, m = fn(src[i % len(src)], rng)
-        outs.append(np.clip(img, 0, 1).astype(np.float32))
-        masks.append(m.astype(np.float32))
-    return torch.from_numpy(np.stack(outs)), torch.from_numpy(np.stack(masks))
 
 
 # --------------------------------------------------------------------------------------------

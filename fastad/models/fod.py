@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import time
 import warnings
@@ -81,19 +80,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastad import ops
+from fastad.layers import GaussianBlur, sincos_position_code
+from fastad.ops import at_least_fp32, attn_entropy, patch_positions, rbf_target_at, sym_kl
 from fastad.training.task import Option, Stage, Task
 from fastad.utils import JSONConfig
 
 log = logging.getLogger(__name__)
-
-# The authors' smoothing constant inside every log of the divergences and the entropy.
-LOG_EPS = 1e-4
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """Correlation statistics run in fp32 (fp64 stays fp64, for the reference tests)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -114,9 +107,10 @@ class FODConfig(JSONConfig):
     # How the upsampled level maps are combined: "geometric" (default, deviation 9) or "mean"
     # (the authors' arithmetic mean).
     level_combine: str = "geometric"
-    # Training schedule (FODTask; stored so a run can be resumed/reproduced). The authors' batch
-    # size and learning rate; 8 epochs instead of their 100 (and no best-test-epoch pick) so that
-    # a CPU trains one MVTec category within a 30-min budget (timings: docs/results.md).
+    # Training schedule (FODTask; stored so a run can be resumed/reproduced).
+    # The authors' batch size and learning rate; 8 epochs (they run 100 and keep the best test
+    # epoch) keep MVTec bottle within a 30-minute CPU budget, and batch 1 is also the cheapest
+    # per image on CPU (timings: docs/results.md, "Training speed notes").
     epochs: int = 8
     batch_size: int = 1
     lr: float = 1e-4
@@ -145,65 +139,12 @@ class FODConfig(JSONConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# Correlation math: RBF target, divergences, entropy (pure torch reference of kernels/i2corr)
+# Correlation math: σ and the training statistics (the target and divergence formulas are
+# fastad.kernels.i2corr's, through fastad.ops)
 # --------------------------------------------------------------------------------------------
-def patch_positions(grid: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column index of each patch, n -> (n // W, n % W). Returns two (N,) float32."""
-    h, w = grid
-    n = torch.arange(h * w, device=device)
-    return (n // w).float(), (n % w).float()
-
-
 def transform_sigma(raw: torch.Tensor) -> torch.Tensor:
     """σ = 3 ** (sigmoid(5·raw) + 1e-5) − 1, in (≈1.1e-5, 2). The authors' constants."""
     return torch.pow(3.0, torch.sigmoid(raw * 5) + 1e-5) - 1
-
-
-def rbf_target(sigma: torch.Tensor, grid: tuple[int, int], rows: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """Row-normalised RBF target correlations T̂ (B, H, Nq, N) from σ (B, H, Nq, 2), in fp32.
-
-    `rows`: the query indices σ belongs to (default: all N queries).
-    """
-    r_i, c_i = patch_positions(grid, sigma.device)
-    if rows is not None:
-        r_i, c_i = r_i[rows], c_i[rows]
-    return rbf_target_at(sigma, r_i, c_i, grid)
-
-
-def rbf_target_at(sigma: torch.Tensor, r_i: torch.Tensor, c_i: torch.Tensor,
-                  grid: tuple[int, int]) -> torch.Tensor:
-    """T̂ for queries at rows r_i, columns c_i (Nq,) with σ (B, H, Nq, 2) -> (B, H, Nq, h*w).
-
-    log T̂[i, j] = a_i[r_j] + b_i[c_j] with a_i[r] = −(r_i − r)²/(2σ_i0²) − logsumexp_r(·) and
-    b_i[c] likewise over columns: the normaliser of a separable kernel is separable.
-    """
-    h, w = grid
-    sigma = _at_least_fp32(sigma)
-    rows = torch.arange(h, device=sigma.device, dtype=sigma.dtype)
-    cols = torch.arange(w, device=sigma.device, dtype=sigma.dtype)
-    # (B, H, Nq, h) and (B, H, Nq, w)
-    log_row = -((r_i[:, None] - rows[None, :]) ** 2) / (2 * sigma[..., 0:1] ** 2)
-    log_col = -((c_i[:, None] - cols[None, :]) ** 2) / (2 * sigma[..., 1:2] ** 2)
-    row = torch.softmax(log_row, dim=-1)
-    col = torch.softmax(log_col, dim=-1)
-    # Outer product per query: (B, H, Nq, h, 1) * (B, H, Nq, 1, w) -> (B, H, Nq, h*w)
-    return (row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2)
-
-
-def kl_div(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Σ_j p (log(p + 1e-4) − log(q + 1e-4)) over the last dim: (..., M) -> (...)."""
-    return (p * (torch.log(p + LOG_EPS) - torch.log(q + LOG_EPS))).sum(-1)
-
-
-def sym_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """kl(p, q) + kl(q, p) = Σ_j (p − q)(log(p + ε) − log(q + ε)) — one pass instead of two."""
-    return ((p - q) * (torch.log(p + LOG_EPS) - torch.log(q + LOG_EPS))).sum(-1)
-
-
-def attn_entropy(p: torch.Tensor) -> torch.Tensor:
-    """−Σ_j p log(p + 1e-4) over the last dim."""
-    return -(p * torch.log(p + LOG_EPS)).sum(-1)
 
 
 def correlation_stats(logits: torch.Tensor, sigma: torch.Tensor, r_i: torch.Tensor,
@@ -271,7 +212,6 @@ class I2CorrelationAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.sigma_proj = nn.Linear(d_model, 2 * n_heads)
         self.stats_fn = correlation_stats  # swapped for a compiled version by FOD.compile_stats
-        self.kernel_backend: str | None = None  # set by FOD.use_kernels: scoring via fastad.kernels
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -286,22 +226,20 @@ class I2CorrelationAttention(nn.Module):
         sigma = transform_sigma(self.sigma_proj(x).view(b, n, self.n_heads, 2).transpose(1, 2))
         return q, k, v, sigma
 
-    def forward(self, x, kv, grid, *, with_stats: bool, loss_rows: torch.Tensor | None = None):
-        """-> (out (B, N, d), BranchStats | None).
+    def forward(self, x, kv, grid, loss_rows: torch.Tensor | None = None):
+        """Training path: -> (out (B, N, d), BranchStats).
 
         `loss_rows`: optional (Nq,) query indices for the divergence/entropy statistics
         (deviation 6); the output always attends with every query.
         """
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
-        if k.shape[0] != b:  # a shared reference (batch 1); fixed at trace time when exporting
+        if k.shape[0] != b:  # a shared reference (batch 1)
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        if not with_stats or loss_rows is not None:
-            # Fused attention for the output; statistics (if any) on a subset of query rows.
+        if loss_rows is not None:
+            # Fused attention for the output; statistics on a subset of query rows.
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             out = out.transpose(1, 2).reshape(b, n, h * dh)
-            if not with_stats:
-                return out, None
             q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
             logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         else:
@@ -311,59 +249,20 @@ class I2CorrelationAttention(nn.Module):
         r_i, c_i = patch_positions(grid, q.device)
         if loss_rows is not None:
             r_i, c_i = r_i[loss_rows], c_i[loss_rows]
-        return out, BranchStats(*self.stats_fn(_at_least_fp32(logits), sigma, r_i, c_i, grid))
+        return out, BranchStats(*self.stats_fn(at_least_fp32(logits), sigma, r_i, c_i, grid))
 
-    def inference(self, x, kv, grid, *, with_kl: bool, block: int = 256):
+    def inference(self, x, kv, grid, *, with_kl: bool, impl: str):
         """Scoring path: -> (out (B, N, d), sym-KL (B, H, N) or None). No gradients needed.
-
-        The KL is computed over blocks of `block` query rows, so memory stays O(B·H·block·N)
-        instead of O(B·H·N²) (the fused kernels in fastad.kernels go further).
-        """
-        if self.kernel_backend is not None:
-            from fastad.kernels.i2corr import i2corr_attention
-
-            q, k, v, sigma = self.project(x, kv)
-            b, h, n, dh = q.shape
-            res = i2corr_attention(q, k, v, sigma, grid, scale=self.scale, with_stats=with_kl,
-                                   backend=self.kernel_backend)
-            return res.out.transpose(1, 2).reshape(b, n, h * dh), res.kl
-        if not with_kl:
-            return self.forward(x, kv, grid, with_stats=False)
-        # One softmax per block of query rows serves both the output and the KL. k and v keep
-        # their batch of 1 (the shared reference) and broadcast in the matmuls: no expand, so
-        # the exported graph has no shape arithmetic for it.
+        `impl` picks the implementation (`fastad.ops`); all keep memory below O(B·H·N²)."""
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
-        r_i, c_i = patch_positions(grid, q.device)
-        out, kl = [], []
-        for start in range(0, n, block):
-            rows = slice(start, start + block)
-            attn = torch.softmax(_at_least_fp32(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * self.scale), -1)
-            out.append(torch.matmul(attn if attn.dtype == v.dtype else attn.to(v.dtype), v))
-            kl.append(sym_kl(rbf_target_at(sigma[:, :, rows], r_i[rows], c_i[rows], grid), attn))
-        out = torch.cat(out, dim=2).transpose(1, 2).reshape(b, n, h * dh)
-        return out, torch.cat(kl, dim=-1)
+        res = ops.i2corr_attention(q, k, v, sigma, grid, scale=self.scale, with_stats=with_kl, impl=impl)
+        return res.out.transpose(1, 2).reshape(b, n, h * dh), res.kl
 
 
 # --------------------------------------------------------------------------------------------
 # Transformer layer and one feature level
 # --------------------------------------------------------------------------------------------
-def sincos_position_code(d_model: int, h: int, w: int) -> torch.Tensor:
-    """The authors' fixed 2-D sin/cos code, (h*w, d): first half encodes the column, second the row."""
-    if d_model % 4:
-        raise ValueError(f"sin/cos position code needs d_model % 4 == 0, got {d_model}")
-    half = d_model // 2
-    div = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / half))  # (half/2,)
-    pe = torch.zeros(d_model, h, w)
-    col = torch.arange(w, dtype=torch.float32)[:, None] * div  # (w, half/2)
-    row = torch.arange(h, dtype=torch.float32)[:, None] * div
-    pe[0:half:2] = torch.sin(col).T[:, None, :].expand(-1, h, -1)
-    pe[1:half:2] = torch.cos(col).T[:, None, :].expand(-1, h, -1)
-    pe[half::2] = torch.sin(row).T[:, :, None].expand(-1, -1, w)
-    pe[half + 1::2] = torch.cos(row).T[:, :, None].expand(-1, -1, w)
-    return pe.flatten(1).T.contiguous()
-
-
 class PatchEmbedding(nn.Module):
     """1×1 projection C -> d plus the fixed position code. (B, N, C) -> (B, N, d)."""
 
@@ -396,14 +295,14 @@ class I2CorrelationLayer(nn.Module):
 
     def forward(self, x, ref, grid, loss_rows=None):
         """Training: -> (out, intra BranchStats, inter BranchStats)."""
-        z_intra, intra = self.intra(x, x, grid, with_stats=True, loss_rows=loss_rows)
-        z_inter, inter = self.inter(x, ref, grid, with_stats=True, loss_rows=loss_rows)
+        z_intra, intra = self.intra(x, x, grid, loss_rows)
+        z_inter, inter = self.inter(x, ref, grid, loss_rows)
         return self._mix(z_intra, z_inter), intra, inter
 
-    def inference(self, x, ref, grid):
+    def inference(self, x, ref, grid, impl: str):
         """Scoring: intra needs only its output, inter its output and sym-KL. -> (out, kl)."""
-        z_intra, _ = self.intra.inference(x, x, grid, with_kl=False)
-        z_inter, kl = self.inter.inference(x, ref, grid, with_kl=True)
+        z_intra, _ = self.intra.inference(x, x, grid, with_kl=False, impl=impl)
+        z_inter, kl = self.inter.inference(x, ref, grid, with_kl=True, impl=impl)
         return self._mix(z_intra, z_inter), kl
 
 
@@ -455,67 +354,18 @@ class FODLevel(nn.Module):
             inter.append(s_inter)
         return LevelOutput(self._reconstruct(x), intra, inter)
 
-    def score(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-patch anomaly score (B, N): reconstruction error × inter-correlation weight."""
+    def score(self, tokens: torch.Tensor, impl: str) -> torch.Tensor:
+        """Per-patch anomaly score (B, N): reconstruction error (mean_c (x − x̂)² + 1 − cos) ×
+        inter-correlation weight."""
         x, ref = self._embed(tokens)
         div = 0.0
         for layer in self.layers:
-            x, kl = layer.inference(x, ref, self.grid)
+            x, kl = layer.inference(x, ref, self.grid, impl)
             div = div + kl.mean(1)  # mean over heads
         div = div / len(self.layers)
         weight = torch.softmax(-div, dim=-1)
         weight = weight.amax(dim=-1, keepdim=True) - weight  # deviation 4: max per image
-        backend = self.layers[0].inter.kernel_backend
-        if backend is not None:
-            from fastad.kernels.feature_distance import feature_distance_map
-
-            return feature_distance_map(tokens, self._reconstruct(x), weight=weight, backend=backend)
-        return reconstruction_score(tokens, self._reconstruct(x)) * weight
-
-
-def reconstruction_score(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """mean_c (x − x̂)² + 1 − cos(x, x̂) per token: (B, N, C) -> (B, N)."""
-    return ((x - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(x, recon, dim=-1)
-
-
-# --------------------------------------------------------------------------------------------
-# Post-processing: upsample, average, blur
-# --------------------------------------------------------------------------------------------
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scipy.ndimage.gaussian_filter's 1-D kernel: radius = int(truncate·σ + 0.5), normalised."""
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
-
-
-def symmetric_pad_index(size: int, radius: int) -> torch.Tensor:
-    """Gather indices padding a length-`size` axis by `radius` with scipy's 'reflect' rule
-    (d c b a | a b c d | d c b a), valid for any radius (repeats the reflection)."""
-    idx = torch.arange(-radius, size + radius)
-    period = 2 * size
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= size, period - 1 - idx, idx)
-
-
-class GaussianBlur(nn.Module):
-    """Separable Gaussian blur equal to scipy.ndimage.gaussian_filter(sigma, mode='reflect')."""
-
-    def __init__(self, sigma: float, size: int):
-        super().__init__()
-        kernel = gaussian_kernel1d(sigma)
-        self.radius = (kernel.numel() - 1) // 2
-        self.register_buffer("kernel", kernel, persistent=False)
-        self.register_buffer("pad_index", symmetric_pad_index(size, self.radius), persistent=False)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:  # (B, S, S) -> (B, S, S)
-        x = maps.unsqueeze(1)
-        k = self.kernel.to(x.dtype)
-        x = x.index_select(3, self.pad_index)
-        x = F.conv2d(x, k.view(1, 1, 1, -1))
-        x = x.index_select(2, self.pad_index)
-        x = F.conv2d(x, k.view(1, 1, -1, 1))
-        return x[:, 0]  # not squeeze(1): that exports as an If on the dynamic batch
+        return ops.feature_distance(tokens, self._reconstruct(x), kind="mse_cos", weight=weight, impl=impl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,10 +380,11 @@ class FOD(nn.Module):
 
     family = "fod"  # the "model" key of a run's config.json
 
-    def __init__(self, cfg: FODConfig, backbone: nn.Module):
+    def __init__(self, cfg: FODConfig, backbone: nn.Module, *, impl: str = "reference"):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
+        self.impl = ops.check_impl(impl)  # scoring's hot ops (fastad.ops); training ignores it
         if cfg.level_combine not in ("geometric", "mean"):
             raise ValueError(f"level_combine must be 'geometric' or 'mean', got {cfg.level_combine!r}")
         if any(cfg.crop % s for s in cfg.backbone_strides()):
@@ -550,23 +401,13 @@ class FOD(nn.Module):
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
 
     def compile_stats(self) -> None:
-        """Use a `torch.compile`d `correlation_stats` in every attention branch (training speed:
-        ~3x per step on CPU). Falls back to eager, with a warning, where compilation fails."""
+        """Use a `torch.compile`d `correlation_stats` in every attention branch (faster training,
+        docs/results.md "Training speed notes"). Falls back to eager, with a warning, where
+        compilation fails."""
         fn = CompiledWithFallback(correlation_stats)
         for module in self.modules():
             if isinstance(module, I2CorrelationAttention):
                 module.stats_fn = fn
-
-    def use_kernels(self, backend: str | None = "auto") -> "FOD":
-        """Score through fastad.kernels (fused Triton on CUDA with "auto"/"triton", the
-        memory-lean torch path with "torch"); None returns to the model's own reference ops.
-        Training is unaffected."""
-        if backend not in (None, "auto", "triton", "torch"):
-            raise ValueError(f"backend must be None, auto, triton or torch, got {backend!r}")
-        for module in self.modules():
-            if isinstance(module, I2CorrelationAttention):
-                module.kernel_backend = backend
-        return self
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""
@@ -592,7 +433,7 @@ class FOD(nn.Module):
             level.feature_scale.copy_(toks.std((0, 1)).clamp_min(1e-6))
 
     def patch_scores(self, level_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [level.score(t) for level, t in zip(self.levels, level_tokens)]
+        return [level.score(t, self.impl) for level, t in zip(self.levels, level_tokens)]
 
     def level_maps(self, patch_scores: list[torch.Tensor]) -> torch.Tensor:
         """Per-level (B, N_l) -> (L, B, S, S), bilinear upsample (align_corners)."""

@@ -25,8 +25,8 @@ no training code and no perceptual-measurement code. What follows the paper / re
   conv2_2, conv3_4), bilinearly upsampled and summed.
 
 Choices where the paper / released code are silent or impossible here (each written down):
-1. PM distance = `fastad.kernels.feature_distance_map` (per position MSE + 1 − cos over channels),
-   summed over levels by `multi_level_distance_map(reduce="sum")`. Two pairs are measured:
+1. PM distance = `fastad.ops.feature_distance(kind="mse_cos")` (per position MSE + 1 − cos over
+   channels), upsampled and summed over levels (`pm_pair_map`). Two pairs are measured:
    (input, reconstruction) and (naïve impression, impression) — each pair is "should match on a
    normal image": the reconstruction is built from the anomaly-free impression, and the naïve
    impression is built from the (possibly defective) image. Map = sum of both pairs.
@@ -77,13 +77,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.feature_distance import feature_distance_map, multi_level_distance_map
+from .. import ops
 from ..backbones import FeatureExtractor, available_strides
 from ..data.images import prepare_images
 from ..errors import FastADError
+from ..layers import GaussianBlur
 from ..training.task import Option, Stage, Task
 from ..utils import JSONConfig
-from .fod import GaussianBlur
 
 SCHEDULES = ("cpu", "gpu")
 PM_DEFAULTS = {"efficientnet_lite0": (4, 8, 16), "vgg19": (1, 2, 4)}
@@ -331,6 +331,21 @@ class ExpertNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Perceptual measurement of one pair
+# --------------------------------------------------------------------------------------------
+def pm_pair_map(levels: list[tuple[torch.Tensor, torch.Tensor]], grids: list[tuple[int, int]],
+                size: tuple[int, int], weights: list[torch.Tensor], impl: str) -> torch.Tensor:
+    """Σ_l upsample(weight_l · distance_l) -> (B, H, W). levels: [(f_a, f_b)] each (B, N_l, C_l)
+    on grid_l; weights: (B, N_l) each; bilinear upsampling with align_corners=True."""
+    total = None
+    for (fa, fb), grid, w in zip(levels, grids, weights):
+        d = ops.feature_distance(fa, fb, kind="mse_cos", weight=w, impl=impl)
+        up = F.interpolate(d.view(d.shape[0], 1, *grid), size=size, mode="bilinear", align_corners=True)[:, 0]
+        total = up if total is None else total + up
+    return total
+
+
+# --------------------------------------------------------------------------------------------
 # The model (perceptual measurement: pm_features / pm_terms / fit_pm)
 # --------------------------------------------------------------------------------------------
 class UTAD(nn.Module):
@@ -342,10 +357,11 @@ class UTAD(nn.Module):
 
     family = "utad"  # the "model" key of a run's config.json
 
-    def __init__(self, cfg: UTADConfig, pm_net: nn.Module):
+    def __init__(self, cfg: UTADConfig, pm_net: nn.Module, *, impl: str = "reference"):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.impl = ops.check_impl(impl)  # the PM distance's implementation (fastad.ops)
         if list(pm_net.strides) != list(cfg.pm_strides):
             raise ValueError(f"PM network strides {pm_net.strides} != config {cfg.pm_strides}")
         self.ie = IENet(cfg)
@@ -355,14 +371,6 @@ class UTAD(nn.Module):
         # Per (pair, level) normalisers fitted on normal training images (choice 2); 1 until fitted.
         self.register_buffer("pm_scale", torch.ones(2, n))
         self.blur = GaussianBlur(cfg.blur_sigma, cfg.crop)
-        self.kernel_backend = "torch"
-
-    def use_kernels(self, backend: str | None = "auto") -> "UTAD":
-        """PM distances through fastad.kernels' Triton kernel ("auto"/"triton") or torch (None/"torch")."""
-        if backend not in (None, "auto", "triton", "torch"):
-            raise ValueError(f"backend must be None, auto, triton or torch, got {backend!r}")
-        self.kernel_backend = "torch" if backend is None else backend
-        return self
 
     def to_internal(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 3, s, s): area downsampling to the networks' resolution."""
@@ -399,8 +407,7 @@ class UTAD(nn.Module):
         out = []
         for p, levels in enumerate(self.pm_features(st)):
             weights = [(1.0 / self.pm_scale[p, i]).expand(bsz, g[0] * g[1]) for i, g in enumerate(grids)]
-            out.append(multi_level_distance_map(levels, grids, size, weights=weights, reduce="sum",
-                                                backend=self.kernel_backend))
+            out.append(pm_pair_map(levels, grids, size, weights, self.impl))
         return torch.stack(out, 1)
 
     @torch.no_grad()
@@ -410,7 +417,7 @@ class UTAD(nn.Module):
         res = torch.zeros(2, len(self.cfg.pm_strides))
         for p, levels in enumerate(self.pm_features(st)):
             for i, (fa, fb) in enumerate(levels):
-                res[p, i] = feature_distance_map(fa, fb, backend=self.kernel_backend).mean().cpu()
+                res[p, i] = ops.feature_distance(fa, fb, kind="mse_cos", impl=self.impl).mean().cpu()
         return res
 
     @torch.no_grad()
@@ -501,19 +508,6 @@ def stage2_losses(expert: ExpertNet, image: torch.Tensor, impression: torch.Tens
         F.l1_loss(expert.detail_imp(naive), code_imp.detach())
     total = l_recon + l_naive + cfg.w_detail * detail
     return Stage2Losses(total, l_recon.detach(), l_naive.detach(), detail.detach())
-
-
-def pm_reference(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor], size: tuple[int, int],
-                 scale: torch.Tensor | None = None) -> torch.Tensor:
-    """PM of one pair with plain torch ops, for tests: feature maps [(B, C_l, h_l, w_l)] ->
-    Σ_l upsample(mean_c (a − b)² + 1 − cos(a, b)) / scale_l -> (B, H, W)."""
-    total = 0
-    for i, (a, b) in enumerate(zip(feats_a, feats_b)):
-        d = ((a - b) ** 2).mean(1) + 1 - F.cosine_similarity(a, b, dim=1, eps=1e-8)
-        if scale is not None:
-            d = d / scale[i]
-        total = total + F.interpolate(d[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
-    return total
 
 
 # --------------------------------------------------------------------------------------------
