@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fastad.api import load_model
-from fastad.data.images import image_to_tensor, load_image
+from fastad.preprocess import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
 from fastad.metrics import image_auroc, pixel_auroc
 from fastad.models.adtr import synthesise

@@ -23,9 +23,8 @@ DEMO_EPOCHS = 4
 
 def run_demo(out: str | os.PathLike = "demo_out", *, epochs: int | None = None, device: str = "auto",
              progress: bool = True) -> dict:
-    from .api import load
-    from .cli import _print_metrics
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, print_metrics
+    from .runtime import Predictor
     from .train import train_fod
 
     out = Path(out)
@@ -35,9 +34,9 @@ def run_demo(out: str | os.PathLike = "demo_out", *, epochs: int | None = None, 
     run = train_fod(data, out / "run", epochs=epochs or DEMO_EPOCHS, device=device, overwrite=True,
                     progress=progress)
     print(f"trained -> {run}")
-    result = evaluate_run(load(run, device=device), data, report=out / "report.json",
+    result = evaluate_run(Predictor(run, device=device, warmup=False), data, report=out / "report.json",
                           overlays=out / "heatmaps", progress=progress)
-    _print_metrics(result)
+    print_metrics(result)
     print(f"report -> {out / 'report.json'}, heatmaps -> {out / 'heatmaps'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return result

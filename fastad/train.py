@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbones import FeatureExtractor
-from .data.images import prepare_images
+from .preprocess import prepare_images
 from .data.layouts import Sample, list_samples
 from .errors import FastADError
 from .models.fod import FOD, FODConfig, fod_level_losses

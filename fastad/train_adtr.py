@@ -32,7 +32,7 @@ import torch
 
 from .backbones import FeatureExtractor
 from .data.dataset import AnomalyDataset
-from .data.images import prepare_images
+from .preprocess import prepare_images
 from .data.layouts import Sample, list_anomaly_samples, list_samples
 from .errors import FastADError
 from .models.adtr import (ADTR, ADTRConfig, anomaly_available_loss, grid_labels, mse_loss,

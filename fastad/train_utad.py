@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbones import FeatureExtractor, available_strides
-from .data.images import prepare_images
+from .preprocess import prepare_images
 from .data.layouts import list_samples
 from .errors import FastADError
 from .models.utad import PM_DEFAULTS, UTAD, UTADConfig, stage1_losses, stage2_losses
@@ -402,7 +402,7 @@ def eval_intermediates(predictor, data, layout: str | None, out_dir: str | os.Pa
     like the overlays (defect_name.png), maps on one colour scale (the largest final-map value)."""
     from .evaluate import _overlay_name, load_test_set
 
-    cfg = predictor.cfg
+    cfg = predictor.model.cfg
     samples, images, _ = load_test_set(data, layout, cfg.resize, cfg.crop)
     names = [_overlay_name(s, Path(data))[:-4] for s in samples]
     return save_intermediates(predictor.model, images, names, out_dir)
