@@ -1,7 +1,9 @@
 """fastad: performance-optimised transformer-based visual anomaly detection.
 
 `kernels/` and `export/` are generic top-level names that clash with other distributions, so they
-are installed under the fastad namespace (`fastad.kernels`, `fastad.export`, `fastad.bench`) via `package_dir`.
+are installed under the fastad namespace (`fastad.kernels`, `fastad.export`, `fastad.bench`) via `package_dir`. `fastad.bench` holds only
+benchmark scripts (nothing in fastad/ imports it; `fastad bench` is fastad/benchmark.py); it stays
+installed because tests/test_kernels_i2corr.py imports a helper from `fastad.bench.bench_kernels`.
 
 The C++ post-processing (csrc/) is built as the pybind11 extension `fastad._postprocess`
 (pybind11 comes from pyproject.toml's build requirements). It is optional: without a working C++

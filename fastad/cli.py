@@ -218,7 +218,7 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    from fastad.bench.runtime import markdown_table, run_bench, write_outputs
+    from .benchmark import markdown_table, run_bench, write_outputs
 
     for path in (args.json, args.md, args.png):
         if path and Path(path).is_dir():
