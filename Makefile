@@ -50,7 +50,7 @@ cpp:
 bottle-deploy: install
 	$(VENV)/bin/fastad export --run runs/bottle --format onnx --out runs/bottle-export/bottle.onnx
 	$(VENV)/bin/fastad export --run runs/bottle --format onnx --out runs/bottle-export/bottle16.onnx --fp16
-	$(PY) -m fastad.bench.parity --run runs/bottle --data $(BOTTLE) --model runs/bottle-export/bottle.onnx \
+	$(PY) bench/parity.py --run runs/bottle --data $(BOTTLE) --model runs/bottle-export/bottle.onnx \
 		--model runs/bottle-export/bottle16.onnx --json bench/results/onnx_parity_bottle_cpu.json
 	$(VENV)/bin/fastad bench --run runs/bottle --backend torch,torch-lean,onnx --batch 1,8 --rounds 5 \
 		--onnx runs/bottle-export/bottle.onnx --json bench/results/runtime_cpu.json \

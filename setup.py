@@ -1,7 +1,8 @@
 """fastad: performance-optimised transformer-based visual anomaly detection.
 
 `kernels/` and `export/` are generic top-level names that clash with other distributions, so they
-are installed under the fastad namespace (`fastad.kernels`, `fastad.export`, `fastad.bench`) via `package_dir`.
+are installed under the fastad namespace (`fastad.kernels`, `fastad.export`) via `package_dir`.
+`bench/` (benchmark scripts and suites) is not installed: `fastad bench` is fastad/benchmark.py.
 
 The C++ post-processing (csrc/) is built as the pybind11 extension `fastad._postprocess`
 (pybind11 comes from pyproject.toml's build requirements). It is optional: without a working C++
@@ -56,8 +57,8 @@ setup(
     description="Transformer-based industrial visual anomaly detection: FOD, ADTR, UTAD, "
     "fused Triton kernels, ONNX/TensorRT export",
     python_requires=">=3.10",
-    packages=["fastad", "fastad.data", "fastad.models", "fastad.kernels", "fastad.export", "fastad.bench"],
-    package_dir={"fastad.kernels": "kernels", "fastad.export": "export", "fastad.bench": "bench"},
+    packages=["fastad", "fastad.data", "fastad.models", "fastad.training", "fastad.kernels", "fastad.export"],
+    package_dir={"fastad.kernels": "kernels", "fastad.export": "export"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -175,7 +175,7 @@ def device_slug(device) -> str:
 
 
 def device_label(device) -> str:
-    from fastad.bench.runtime import device_name
+    from fastad.benchmark import device_name
 
     return device_name(str(device))
 

@@ -16,8 +16,8 @@ import argparse
 import numpy as np
 import torch
 
+from fastad.preprocess import image_to_tensor, load_image
 from fastad.run import load_model
-from fastad.data.images import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
 from fastad.metrics import image_auroc, pixel_auroc
 from fastad.data.synthetic import synthesise

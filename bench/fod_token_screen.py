@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastad.backbones import FeatureExtractor
-from fastad.data.images import image_to_tensor, load_image
+from fastad.preprocess import image_to_tensor, load_image
 from fastad.data.layouts import list_samples
 from fastad.layers import GaussianBlur
 from fastad.models.fod import FOD, FODConfig

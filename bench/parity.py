@@ -1,6 +1,6 @@
 """Parity of exported models against the torch predictor on a dataset's whole test split.
 
-    python -m fastad.bench.parity --run runs/bottle --data ../shared/data/mvtec_ad/bottle \
+    python bench/parity.py --run runs/bottle --data ../shared/data/mvtec_ad/bottle \
         --model bottle.onnx [--model bottle16.onnx ...] --json bench/results/onnx_parity_bottle.json
 
 For each model: max |Δ anomaly_map| (absolute and relative to the reference maps' range),
@@ -14,9 +14,9 @@ import sys
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from fastad.bench.runtime import device_name
-from fastad.data.images import prepare_images
+from fastad.benchmark import device_name
 from fastad.data.layouts import list_samples
+from fastad.preprocess import prepare_images
 from fastad.runtime import Predictor
 from fastad.utils import library_versions, write_json
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     batch = prepare_images([str(s.path) for s in samples], reference.resize, reference.crop).numpy()
     ref_maps, ref_scores = predict_all(reference, batch)
     span = float(ref_maps.max() - ref_maps.min())
-    result = {"device": device_name(args.device), "versions": library_versions(), "command": "python -m fastad.bench.parity " + " ".join(sys.argv[1:]),
+    result = {"device": device_name(args.device), "versions": library_versions(), "command": "python bench/parity.py " + " ".join(sys.argv[1:]),
               "run": args.run, "data": args.data, "num_images": len(samples), "map_range": span,
               "reference_image_auroc": float(roc_auc_score(labels, ref_scores)), "models": []}
     for path in args.model:

@@ -15,7 +15,7 @@ import torch
 from fastad.kernels import feature_distance, i2corr_attention
 from fastad.kernels.i2corr import patch_positions, rbf_target_at, sym_kl
 from fastad.layers import GaussianBlur
-from fastad.runtime import prepare_any
+from fastad.preprocess import prepare_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["lean"] + (["triton"] if DEVICE == "cuda" else [])
@@ -70,4 +70,4 @@ def test_blur_256(benchmark):
 
 def test_preprocess_uint8_any_size(benchmark):
     images = [np.random.default_rng(i).integers(0, 255, (900, 900, 3), dtype=np.uint8) for i in range(8)]
-    benchmark(lambda: prepare_any(images, 256, 256))
+    benchmark(lambda: prepare_batch(images, 256, 256))

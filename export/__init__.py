@@ -4,8 +4,10 @@
     check_onnx("model.onnx", batch=32)                 # TensorRT compatibility report
     export_engine(run_dir, "model.engine", fp16=True)  # needs TensorRT (+ model.engine.json)
 """
+from fastad.sidecar import read_sidecar, sidecar_path
+
 from .check import CheckReport, check_onnx
-from .onnx import export_onnx, read_sidecar, sidecar_path
+from .onnx import export_onnx
 from .tensorrt import export_engine
 
 __all__ = ["export_onnx", "export_engine", "check_onnx", "CheckReport", "read_sidecar", "sidecar_path"]

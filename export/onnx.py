@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 
 from fastad.errors import FastADError
+from fastad.postprocess import default_thresholds
+from fastad.sidecar import SIDECAR_FORMAT, sidecar_path
 from fastad.utils import atomic_path, library_versions
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 DEFAULT_OPSET = 17
-SIDECAR_FORMAT = "fastad-onnx/1"
 
 
 class InferenceGraph(nn.Module):
@@ -54,11 +55,6 @@ class InferenceGraph(nn.Module):
         return amap.float(), score.float()
 
 
-def sidecar_path(artifact: str | os.PathLike) -> Path:
-    """model.onnx -> model.onnx.json, model.engine -> model.engine.json."""
-    return Path(str(artifact) + ".json")
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -70,8 +66,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, file: Path,
                   extra: dict | None = None) -> dict:
     """Everything a runtime needs besides the graph: sizes, preprocessing, thresholds, provenance."""
-    from fastad.runtime import default_thresholds
-
     cfg = model.cfg
     bb = conf["backbone"]
     return {
@@ -148,20 +142,5 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
     return sidecar
 
 
-def read_sidecar(artifact: str | os.PathLike) -> dict:
-    """The sidecar JSON next to an .onnx / .engine file, validated enough to run it."""
-    path = sidecar_path(artifact)
-    if not path.is_file():
-        raise FastADError(f"{artifact}: no sidecar {path.name} next to it (export writes one; "
-                          "copy it along with the model)")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FastADError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "input" not in meta:
-        raise FastADError(f"{path} is not a fastad sidecar (format {SIDECAR_FORMAT})")
-    return meta
-
-
-__all__ = ["export_onnx", "read_sidecar", "sidecar_path", "build_sidecar", "InferenceGraph",
+__all__ = ["export_onnx", "build_sidecar", "InferenceGraph",
            "INPUT_NAME", "OUTPUT_NAMES"]

@@ -103,7 +103,9 @@ def export_engine(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: b
                   timing_cache: str | os.PathLike | None = None, workspace_gb: float = 4.0,
                   keep_onnx: bool = False) -> dict:
     """Run directory -> TensorRT engine `out` (+ `out`.json sidecar). -> the sidecar dict."""
-    from .onnx import export_onnx, read_sidecar, sidecar_path
+    from fastad.sidecar import read_sidecar, sidecar_path
+
+    from .onnx import export_onnx
 
     out = Path(out)
     if out.suffix not in (".engine", ".plan"):

@@ -4,12 +4,12 @@ from .errors import FastADError
 from ._version import __version__
 
 
-def load(run_dir, device: str = "auto", backend: str | None = None):
-    """Load a trained run directory for inference: `fastad.load(RUN).predict(images)`.
-    `backend` ("auto", "triton", "torch") scores through the fastad.kernels fast paths."""
-    from .api import load as _load
+def load(path, backend: str = "auto", device: str = "auto", **kw):
+    """Load a run directory, an exported .onnx or a TensorRT .engine for inference: the same as
+    `fastad.Predictor(path, backend, device, **kw)`, e.g. `fastad.load(RUN).predict(images)`."""
+    from .runtime import Predictor
 
-    return _load(run_dir, device=device, backend=backend)
+    return Predictor(path, backend, device, **kw)
 
 
 def train(data, out, *, model: str = "fod", **kwargs):

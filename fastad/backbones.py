@@ -42,7 +42,6 @@ __all__ = [
     "FeatureExtractor",
     "load_pretrained_state_dict",
     "efficientnet_lite0_offline_state_dict",
-    "default_normalization",
     "weights_profile",
     "available_strides",
     "hub_reachable",
@@ -136,12 +135,6 @@ def weights_profile(name: str, source: str | None = None) -> dict:
         prof = _OFFLINE_PROFILE[name]
         return {"mean": prof["mean"], "std": prof["std"], "model_kwargs": dict(prof["model_kwargs"])}
     return {"mean": spec.mean, "std": spec.std, "model_kwargs": {}}
-
-
-def default_normalization(name: str, source: str | None = None) -> tuple[tuple, tuple]:
-    """(mean, std) for RGB in [0, 1] that the weights of ``name`` from ``source`` expect."""
-    prof = weights_profile(name, source)
-    return prof["mean"], prof["std"]
 
 
 # --------------------------------------------------------------------------------------------

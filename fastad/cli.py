@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import BACKENDS
 from .errors import FastADError
 
 log = logging.getLogger("fastad")
@@ -68,30 +69,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _print_metrics(result: dict) -> None:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    print(f"image AUROC {fmt(result['image_auroc'])}  pixel AUROC {fmt(result['pixel_auroc'])}  "
-          f"AUPRO {fmt(result['aupro'])}  F1-max {fmt(result['f1_max'])}  "
-          f"({result['num_images']} images, {result['num_anomalous']} anomalous)")
-
-
 def cmd_eval(args) -> int:
-    from .api import load
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, print_metrics
+    from .runtime import Predictor
 
     explain = _explainer(args.run) if args.intermediates else None
-    if Path(args.run).is_file():  # an exported .onnx / .engine, through the runtime
-        from .runtime import Predictor
-
-        predictor = Predictor(args.run, device=args.device, warmup=False)
-    else:
-        predictor = load(args.run, device=args.device)
+    predictor = Predictor(args.run, backend=args.backend, device=args.device, warmup=False)
     exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
-    _print_metrics(result)
+    print_metrics(result)
     if args.intermediates:
         from .evaluate import eval_intermediates
 
@@ -226,7 +213,7 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    from fastad.bench.runtime import markdown_table, run_bench, write_outputs
+    from .benchmark import markdown_table, run_bench, write_outputs
 
     for path in (args.json, args.md, args.png):
         if path and Path(path).is_dir():
@@ -265,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastad", description="Transformer-based visual anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def backend_option(p):
+        p.add_argument("--backend", default="auto",
+                       help=f"auto (default: triton for a run directory on CUDA, else torch; an exported file's own "
+                            f"engine), {', '.join(BACKENDS)}")
 
     def common(p):
         p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
@@ -307,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediates", help="write per-image strips of the model's intermediates into this "
                    "directory (families with intermediates: " +
                    ", ".join(f.name for f in registry.FAMILIES.values() if f.explain) + ")")
+    backend_option(p)
     common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -314,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory, exported .onnx, or .engine")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--out", required=True, help="output directory (scores.csv, scores.json, maps/)")
-    p.add_argument("--backend", default="auto", help="auto, torch, torch-lean, triton, onnx, tensorrt")
+    backend_option(p)
     p.add_argument("--threshold", type=float, help="image/pixel threshold (default: from the run or sidecar)")
     p.add_argument("--save-masks", action="store_true", help="also save binary masks (original image size)")
     p.add_argument("--save-npy", action="store_true", help="also save the raw float maps as .npy")
@@ -342,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes")
     p.add_argument("--run", required=True, help="run directory written by fastad train")
-    p.add_argument("--backend", default="torch,onnx", help="comma-separated: torch, torch-lean, triton, onnx, tensorrt")
+    p.add_argument("--backend", default="torch,onnx", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--json", help="write the JSON result here")
     p.add_argument("--md", help="write a Markdown table here")

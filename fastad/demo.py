@@ -23,9 +23,8 @@ DEMO_EPOCHS = 4
 
 def run_demo(out: str | os.PathLike = "demo_out", *, epochs: int | None = None, device: str = "auto",
              progress: bool = True) -> dict:
-    from .api import load
-    from .cli import _print_metrics
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, print_metrics
+    from .runtime import Predictor
     from .training.loop import train
 
     out = Path(out)
@@ -33,11 +32,11 @@ def run_demo(out: str | os.PathLike = "demo_out", *, epochs: int | None = None, 
     data = make_demo_dataset(out / "data", overwrite=True)
     print(f"demo dataset -> {data}")
     run = train(data, out / "run", model="fod", epochs=epochs or DEMO_EPOCHS, device=device, overwrite=True,
-                    progress=progress)
+                progress=progress)
     print(f"trained -> {run}")
-    result = evaluate_run(load(run, device=device), data, report=out / "report.json",
+    result = evaluate_run(Predictor(run, device=device, warmup=False), data, report=out / "report.json",
                           overlays=out / "heatmaps", progress=progress)
-    _print_metrics(result)
+    print_metrics(result)
     print(f"report -> {out / 'report.json'}, heatmaps -> {out / 'heatmaps'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return result

@@ -45,30 +45,20 @@ def _overlay_name(sample, root: Path) -> str:
 def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = None,
                  report: str | os.PathLike | None = None, overlays: str | os.PathLike | None = None,
                  batch_size: int = 16, progress: bool = True, exclude_defects=()) -> dict:
-    """Predict every test image, compute metrics (overall and per defect) and write the JSON
-    `report` (and overlay PNGs into `overlays`) — outputs only after everything succeeded."""
+    """Score every test image with `predictor` (a fastad.Predictor: run directory, .onnx or
+    .engine), compute metrics (overall and per defect) and write the JSON `report` (and overlay
+    PNGs into `overlays`) — outputs only after everything succeeded."""
     from tqdm.auto import tqdm
 
     from .visualize import save_overlay
 
-    if hasattr(predictor, "scores_and_maps"):  # fastad.Predictor: run dir, .onnx or .engine
-        resize, crop = predictor.resize, predictor.crop
-
-        def score(x):
-            m, s = predictor.scores_and_maps(x.numpy())
-            return s, m
-    else:  # the model-family predictors of fastad.load
-        resize, crop = predictor.cfg.resize, predictor.cfg.crop
-
-        def score(x):
-            res = predictor.predict(x, batch_size=batch_size)
-            return res.score, res.anomaly_map
-    samples, images, masks = load_test_set(data, layout, resize, crop, exclude_defects)
+    samples, images, masks = load_test_set(data, layout, predictor.resize, predictor.crop, exclude_defects)
     t0 = time.perf_counter()
     scores, maps = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch",
                       disable=None if progress else True, leave=False):
-        s, m = score(images[start:start + batch_size])
+        # The test images are already cropped float32: straight to the engine, no preprocessing.
+        m, s = predictor.scores_and_maps(images[start:start + batch_size].numpy())
         scores.append(s)
         maps.append(m)
     seconds = time.perf_counter() - t0
@@ -91,6 +81,16 @@ def evaluate_run(predictor, data: str | os.PathLike, *, layout: str | None = Non
             save_overlay(out / _overlay_name(s, Path(data)), img.permute(1, 2, 0).numpy(), amap,
                          vmin=vmin, vmax=vmax, mask=m if s.mask_path is not None else None)
     return result
+
+
+def print_metrics(result: dict) -> None:
+    """One line of an `evaluate_run` result: the metrics and the test-set size."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"image AUROC {fmt(result['image_auroc'])}  pixel AUROC {fmt(result['pixel_auroc'])}  "
+          f"AUPRO {fmt(result['aupro'])}  F1-max {fmt(result['f1_max'])}  "
+          f"({result['num_images']} images, {result['num_anomalous']} anomalous)")
 
 
 @torch.no_grad()

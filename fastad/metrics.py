@@ -46,7 +46,6 @@ __all__ = [
     "pro_curve",
     "f1_max",
     "pixel_f1_max",
-    "best_f1_threshold",
     "evaluate",
 ]
 
@@ -249,15 +248,6 @@ def f1_max(labels, scores) -> float:
         return _NAN
     f1, _ = _f1_curve(y, s)
     return float(f1.max())
-
-
-def best_f1_threshold(labels, scores) -> float:
-    """The threshold t (predict anomalous when ``score >= t``) that maximises image F1."""
-    y, s = _labels_scores(labels, scores)
-    if not y.any():
-        return _NAN
-    f1, thresholds = _f1_curve(y, s)
-    return float(thresholds[int(np.argmax(f1))])
 
 
 def pixel_f1_max(masks, maps) -> float:

@@ -1,4 +1,7 @@
-"""Per-image post-processing after the network: upsample -> blur -> threshold -> regions.
+"""Post-processing after the network: upsample -> blur -> threshold -> regions, and the default
+thresholds. `postprocess_image` is the predictor's one call per image: map back to the input's
+pixel grid, threshold, regions. (The models blur inside their forward, and so does the exported
+graph; `gaussian_blur` here is the same filter for callers holding raw maps.)
 
 Two backends with equal outputs (tested in tests/test_postprocess.py):
 - "python": numpy/scipy reference (scipy.ndimage.gaussian_filter, scipy.ndimage.label, ...).
@@ -22,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
+
+from .preprocess import crop_offset
 
 try:
     from fastad import _postprocess as _cpp
@@ -53,6 +58,23 @@ class Region(NamedTuple):
     peak_score: float                 # max map value inside the component
     peak_xy: tuple[int, int]          # (x, y) of that max, first in row-major order on ties
     mean_score: float                 # mean map value inside the component
+
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------------------------
+def default_thresholds(conf: dict) -> dict:
+    """Thresholds from the scores of the normal training images recorded at training time (a run's
+    config.json): image = max(max, mean + 4·std) of those scores; pixel = the same value, so an
+    image is flagged exactly when its mask is non-empty (its score is the map's maximum). Training
+    scores are optimistic (the model has seen these images): `Predictor.calibrate` on held-out
+    normal images is the better choice when they exist. The export sidecar stores the same dict."""
+    ns = conf.get("normal_scores") or {}
+    if not all(k in ns for k in ("mean", "std", "max")):
+        return {"image": None, "pixel": None, "source": "none (no normal scores recorded)"}
+    thr = float(max(ns["max"], ns["mean"] + 4 * ns["std"]))
+    return {"image": thr, "pixel": thr,
+            "source": f"normal training scores ({ns.get('num_images', '?')} images): max(max, mean + 4 std)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,18 +196,34 @@ def regions(mask: np.ndarray, amap: np.ndarray, min_area: int = 1, connectivity:
     return _regions_numpy(mask, amap, int(min_area), int(connectivity))
 
 
-def postprocess(maps: np.ndarray, thr: float, size: tuple[int, int] | None = None,
-                min_area: int = 1, backend: str = "auto"
-                ) -> tuple[np.ndarray, list[list[Region]]]:
-    """(B, h, w) anomaly maps -> optional resize to `size` (bilinear, align_corners=False: plain
-    image resize) -> masks (B, H, W) bool (maps > thr) and each image's regions (8-connected)."""
-    maps, _ = _as_maps(maps, allow_2d=False)
-    backend = _pick(backend)
-    if size is not None:
-        maps = upsample_bilinear(maps, size, align_corners=False, backend=backend)
-    masks = threshold(maps, thr, backend=backend)
-    found = [regions(m, a, min_area=min_area, backend=backend) for m, a in zip(masks, maps)]
-    return masks, found
+def map_to_original(amap: np.ndarray, size: tuple[int, int], resize: int, crop: int,
+                    backend: str = "auto") -> np.ndarray:
+    """A (crop, crop) map -> (H, W) float32 in the input image's pixel grid: placed into the crop
+    window of a resize x resize canvas (zero outside, i.e. "not anomalous"), then resized
+    bilinearly (align_corners=False: plain image resize) to `size`. Inverts fastad.preprocess."""
+    if resize != crop:
+        canvas = np.zeros((resize, resize), np.float32)
+        top = crop_offset(resize, crop)
+        canvas[top:top + crop, top:top + crop] = amap
+        amap = canvas
+    if amap.shape == tuple(size):
+        return amap
+    return upsample_bilinear(amap, size, align_corners=False, backend=backend)
+
+
+def postprocess_image(amap: np.ndarray, size: tuple[int, int], resize: int, crop: int,
+                      thr: float | None, min_area: int = 1, backend: str = "auto"
+                      ) -> tuple[np.ndarray, list[Region]]:
+    """One image's (crop, crop) map -> its (H, W) bool mask (map > thr, in the input's pixel grid,
+    see `map_to_original`) and its 8-connected regions. thr None: an empty mask, no regions."""
+    amap = np.asarray(amap)
+    if amap.ndim != 2:
+        raise ValueError(f"postprocess_image takes one (h, w) map, got shape {amap.shape}")
+    full = map_to_original(amap, _as_size(size), resize, crop, backend=backend)
+    if thr is None:
+        return np.zeros(full.shape, bool), []
+    mask = threshold(full, thr, backend=backend)
+    return mask, regions(mask, full, min_area=min_area, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,24 @@
-"""One runtime for every backend: a run directory, an .onnx or a TensorRT .engine, one call.
+"""The one way into inference: a run directory, an .onnx or a TensorRT .engine, one call.
 
-    from fastad import Predictor
-    p = Predictor("runs/bottle")                    # torch (reference ops); backend="triton" on CUDA
-    p = Predictor("bottle.onnx")                    # onnxruntime, CPU or CUDA (device="cuda")
-    p = Predictor("bottle.engine")                  # TensorRT
+    import fastad
+    p = fastad.load("runs/bottle")                  # = fastad.Predictor(...); backend="auto"
+    p = fastad.load("bottle.onnx")                  # onnxruntime, CPU or CUDA (device="cuda")
+    p = fastad.load("bottle.engine")                # TensorRT
     p.calibrate(["good/000.png", ...])              # threshold from normal validation images
     res = p.predict(["a.png", frame_uint8_hwc, ...])  # any sizes, uint8 or float in [0, 1]
     res.scores, res.is_anomalous                    # (B,) image scores and decisions
     res.anomaly_maps                                # (B, S, S) maps at the model's resolution
     res.masks[i], res.regions[i]                    # per image, in that image's own pixel grid
+    p.model                                         # the torch model of a run directory (else None)
 
-Read top-down: thresholds → engines (torch / onnxruntime / TensorRT, each `run(float32 batch) ->
-(maps, scores)`) → preprocessing of any-size inputs → `Predictor`.
+backend "auto" means the same everywhere (`fastad eval`, `fastad predict`, Python): a run
+directory runs with "triton" (fused kernels) on CUDA, else "torch" (the reference ops); an
+exported file runs with its own engine. Names: fastad.backends.
 
-Geometry: an input of size H×W is resized to `resize`² and centre-cropped to `crop`² (the
-model's input, as in training). Its map is placed back into the crop window of a `resize`²
-canvas (zero outside, i.e. "not anomalous") and resized bilinearly to H×W, so masks and region
-boxes are in the caller's pixel coordinates.
+Read top-down: engines (torch / onnxruntime / TensorRT, each `run(float32 batch) -> (maps,
+scores)`) → `Predictor`. Preprocessing (any input → float batch, and the crop geometry) is
+fastad.preprocess; post-processing (map back to the input's pixels, threshold, regions) and the
+default thresholds are fastad.postprocess.
 
 Thread safety: one Predictor may be shared by several threads. Engine calls are serialised per
 instance (a TensorRT execution context and its buffers are single-stream); preprocessing and
@@ -32,41 +34,24 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import postprocess
-from .data.images import prepare_images
+from .backends import BACKENDS, RUN_BACKENDS
 from .errors import FastADError
-from .postprocess import Region
+from .postprocess import Region, default_thresholds
+from .preprocess import prepare_batch
+from .sidecar import read_sidecar
 
-RUN_BACKENDS = ("torch", "torch-lean", "triton")
-BACKENDS = RUN_BACKENDS + ("onnx", "tensorrt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
-# --------------------------------------------------------------------------------------------
-# Thresholds
-# --------------------------------------------------------------------------------------------
-def default_thresholds(conf: dict) -> dict:
-    """Thresholds from the scores of the normal training images recorded at training time:
-    image = max(max, mean + 4·std) of those scores; pixel = the same value, so an image is
-    flagged exactly when its mask is non-empty (its score is the map's maximum). Training scores
-    are optimistic (the model has seen these images): `Predictor.calibrate` on held-out normal
-    images is the better choice when they exist."""
-    ns = conf.get("normal_scores") or {}
-    if not all(k in ns for k in ("mean", "std", "max")):
-        return {"image": None, "pixel": None, "source": "none (no normal scores recorded)"}
-    thr = float(max(ns["max"], ns["mean"] + 4 * ns["std"]))
-    return {"image": thr, "pixel": thr,
-            "source": f"normal training scores ({ns.get('num_images', '?')} images): max(max, mean + 4 std)"}
 
 
 # --------------------------------------------------------------------------------------------
 # Engines: float32 (B, 3, S, S) numpy in [0, 1] -> (maps (B, S, S), scores (B,)) numpy float32
 # --------------------------------------------------------------------------------------------
 class TorchEngine:
-    """A run directory through PyTorch: reference ops ("torch"), the memory-lean blocked torch
-    kernels ("torch-lean") or the fused Triton kernels on CUDA ("triton")."""
+    """A run directory through PyTorch with one implementation of the hot ops (fastad.backends):
+    reference ops ("torch"), memory-lean blocked torch ("torch-lean") or fused Triton ("triton",
+    CUDA, or CPU under TRITON_INTERPRET=1 for tests)."""
 
     max_batch = None
 
@@ -87,8 +72,6 @@ class TorchEngine:
 
 
 def _meta_from_sidecar(path: Path) -> dict:
-    from fastad.export.onnx import read_sidecar
-
     side = read_sidecar(path)
     return {"model": side.get("model"), "resize": side["input"]["resize"], "crop": side["input"]["crop"],
             "thresholds": side.get("thresholds") or {"image": None, "pixel": None}, "source": str(path),
@@ -99,6 +82,7 @@ class OnnxEngine:
     """An exported .onnx through onnxruntime: CPUExecutionProvider, or CUDA with device="cuda"."""
 
     max_batch = None
+    model = None
 
     def __init__(self, path, device: str = "auto", threads: int | None = None):
         try:
@@ -137,6 +121,8 @@ class TensorRTEngine:
     TensorRT Python API on torch-allocated CUDA buffers (no pycuda needed). Batch sizes up to the
     engine's optimisation-profile maximum. Written against TensorRT 10/11; not run on these
     machines (no TensorRT here)."""
+
+    model = None
 
     def __init__(self, path, device: str = "auto"):
         from fastad.export.tensorrt import import_tensorrt
@@ -204,81 +190,6 @@ def open_engine(path, backend: str = "auto", device: str = "auto"):
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing of any-size inputs
-# --------------------------------------------------------------------------------------------
-def _float_any_size(x: torch.Tensor, resize: int, crop: int, what: str) -> torch.Tensor | None:
-    """A float (3, H, W) / (B, 3, H, W) image in [0, 1] of a size other than crop² -> resized and
-    centre-cropped like the PIL path (bilinear, antialiased). None when it is already crop²."""
-    if x.ndim == 3:
-        x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[1] != 3 or min(x.shape) == 0:
-        raise FastADError(f"{what} has shape {tuple(x.shape)}: float images must be (3, H, W) or "
-                          "(B, 3, H, W) RGB in [0, 1]")
-    if x.shape[2] == crop and x.shape[3] == crop:
-        return None
-    x = x.float()
-    if not bool(torch.isfinite(x).all()) or float(x.min()) < -1e-3 or float(x.max()) > 1 + 1e-3:
-        raise FastADError(f"{what}: float images must be finite and in [0, 1]")
-    x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True)
-    top = int(round((resize - crop) / 2.0))
-    return x[:, :, top:top + crop, top:top + crop].clamp(0, 1)
-
-
-def _items(images) -> list:
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise FastADError("no images given: the list is empty")
-        return list(images)
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
-        return list(images)
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return [images[i] for i in range(images.shape[0])]
-    return [images]
-
-
-def _original_size(item) -> tuple[int, int]:
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item.size[::-1]
-    shape = tuple(item.shape)
-    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
-        return shape[:2]
-    return shape[-2:]  # float (3, H, W)
-
-
-def prepare_any(images, resize: int, crop: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """User images of any size -> (float32 (B, 3, crop, crop), [(H, W) of each original])."""
-    from .data.images import load_image
-
-    batch, sizes = [], []
-    for i, item in enumerate(_items(images)):
-        what = f"image {i}"
-        resized = None
-        if isinstance(item, (str, os.PathLike)):
-            item = load_image(item)  # decoded once: pixels and original size from the same image
-        if isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating):
-            item = torch.from_numpy(np.ascontiguousarray(item))
-        if isinstance(item, torch.Tensor) and item.is_floating_point():
-            resized = _float_any_size(item.detach().cpu(), resize, crop, what)
-        batch.append(resized if resized is not None else prepare_images([item], resize, crop))
-        sizes.append(tuple(int(v) for v in _original_size(item)))
-    return torch.cat(batch).numpy(), sizes
-
-
-def map_to_original(amap: np.ndarray, size: tuple[int, int], resize: int, crop: int) -> np.ndarray:
-    """A (crop, crop) map -> (H, W) in the original image's pixel grid (see module docstring)."""
-    if resize != crop:
-        canvas = np.zeros((resize, resize), np.float32)
-        top = int(round((resize - crop) / 2.0))
-        canvas[top:top + crop, top:top + crop] = amap
-        amap = canvas
-    if amap.shape == tuple(size):
-        return amap
-    return postprocess.upsample_bilinear(amap, size, align_corners=False)
-
-
-# --------------------------------------------------------------------------------------------
 # The predictor
 # --------------------------------------------------------------------------------------------
 class Result(NamedTuple):
@@ -292,11 +203,14 @@ class Result(NamedTuple):
 
 
 class Predictor:
-    """Load once, predict many times. `path`: run directory, .onnx or TensorRT .engine.
+    """Load once, predict many times (`fastad.load` returns one). `path`: run directory, .onnx or
+    TensorRT .engine.
 
-    backend: auto | torch | torch-lean | triton (run directory) | onnx | tensorrt.
+    backend: auto (see the module docstring) or one of fastad.backends.BACKENDS: torch,
+    torch-lean, triton (run directory), onnx, tensorrt (exported files).
     threshold / pixel_threshold: override the defaults (sidecar or run config, see
-    `default_thresholds`); `calibrate()` sets both from normal images.
+    `postprocess.default_thresholds`); `calibrate()` sets both from normal images.
+    batch_size: the engine sees at most this many images per call.
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "auto", *,
@@ -326,6 +240,17 @@ class Predictor:
     def image_size(self) -> int:
         return self.crop
 
+    @property
+    def model(self):
+        """The torch model (FOD, ADTR, UTAD) of a run directory, e.g. for `model.explain`; None
+        for an exported .onnx / .engine."""
+        return self.engine.model
+
+    @property
+    def family(self) -> str | None:
+        """The model family ("fod", "adtr", "utad") from the run config or the sidecar."""
+        return self.engine.meta.get("model")
+
     def scores_and_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The engine on a ready float32 (B, 3, S, S) batch, chunked by batch_size."""
         maps, scores = [], []
@@ -339,20 +264,16 @@ class Predictor:
     def predict(self, images) -> Result:
         """Images (paths, PIL, uint8 H×W[×C] arrays of any size, float (3, H, W) / (B, 3, H, W)
         in [0, 1] of any size, or a list of these) -> `Result`."""
-        batch, sizes = prepare_any(images, self.resize, self.crop)
-        maps, scores = self.scores_and_maps(batch)
+        batch, sizes = prepare_batch(images, self.resize, self.crop)
+        maps, scores = self.scores_and_maps(batch.numpy())
         thr = self.image_threshold
         flagged = scores > thr if thr is not None else np.zeros(len(scores), bool)
         masks, regions = [], []
         for amap, size in zip(maps, sizes):
-            full = map_to_original(amap, size, self.resize, self.crop)
-            if self.pixel_threshold is None:
-                masks.append(np.zeros(full.shape, bool))
-                regions.append([])
-                continue
-            mask = postprocess.threshold(full, self.pixel_threshold)
+            mask, found = postprocess.postprocess_image(amap, size, self.resize, self.crop, self.pixel_threshold,
+                                                        min_area=self.min_region_area)
             masks.append(mask)
-            regions.append(postprocess.regions(mask, full, min_area=self.min_region_area))
+            regions.append(found)
         return Result(scores, flagged, maps, masks, regions, thr, self.pixel_threshold)
 
     def calibrate(self, normal_images, quantile: float = 1.0, margin: float = 0.0) -> dict:
@@ -360,8 +281,8 @@ class Predictor:
         their image scores (1.0 = their maximum: no false alarm on them) × (1 + margin)."""
         if not 0.0 < quantile <= 1.0 or margin < 0 or not math.isfinite(margin):
             raise FastADError(f"calibrate: need 0 < quantile <= 1 and margin >= 0, got {quantile}, {margin}")
-        batch, _ = prepare_any(normal_images, self.resize, self.crop)
-        _, scores = self.scores_and_maps(batch)
+        batch, _ = prepare_batch(normal_images, self.resize, self.crop)
+        _, scores = self.scores_and_maps(batch.numpy())
         thr = float(np.quantile(scores, quantile)) * (1.0 + margin)
         self.image_threshold = self.pixel_threshold = thr
         return {"image": thr, "pixel": thr, "num_images": int(len(scores)),

@@ -183,7 +183,7 @@ class TinyTask(Task):
         return FeatureExtractor(cfg.backbone, (cfg.stride,), weights=self.options.get("weights") or "auto")
 
     def prepare(self, model, samples, device, progress):
-        from fastad.data.images import prepare_images
+        from fastad.preprocess import prepare_images
 
         self.model = model
         with torch.no_grad():

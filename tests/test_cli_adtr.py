@@ -64,17 +64,17 @@ def test_run_directory_and_load(adtr_run, data):
     assert isinstance(model, ADTR) and conf2 == conf
     assert model.cfg.resize == 256 and model.cfg.crop == 256
     res = fastad.load(adtr_run, device="cpu").predict(str(data / "test" / "spot" / "000.png"))
-    assert res.score.shape == (1,) and res.anomaly_map.shape == (1, 256, 256)
-    assert np.isfinite(res.anomaly_map).all()
+    assert res.scores.shape == (1,) and res.anomaly_maps.shape == (1, 256, 256)
+    assert np.isfinite(res.anomaly_maps).all()
 
 
 def test_predictor_matches_forward_and_kernels(adtr_run, data):
     paths = [str(p) for p in sorted((data / "test" / "scratch").glob("*.png"))]
     ref = fastad.load(adtr_run, device="cpu").predict(paths)
-    fast = fastad.load(adtr_run, device="cpu", backend="torch").predict(paths)
-    assert np.allclose(fast.anomaly_map, ref.anomaly_map, rtol=1e-5, atol=1e-5)
-    single = np.array([fastad.load(adtr_run, device="cpu").predict([p]).score[0] for p in paths])
-    assert np.allclose(single, ref.score, rtol=1e-4, atol=1e-6)  # batch-independent
+    fast = fastad.load(adtr_run, device="cpu", backend="torch-lean").predict(paths)
+    assert np.allclose(fast.anomaly_maps, ref.anomaly_maps, rtol=1e-5, atol=1e-5)
+    single = np.array([fastad.load(adtr_run, device="cpu").predict([p]).scores[0] for p in paths])
+    assert np.allclose(single, ref.scores, rtol=1e-4, atol=1e-6)  # batch-independent
 
 
 def test_reproducible_and_resume(data, adtr_run, tmp_path, monkeypatch):

@@ -14,18 +14,13 @@ from fastad.data import (
     LAYOUTS,
     AnomalyDataset,
     Sample,
-    collate,
     detect_layout,
-    image_to_tensor,
     list_folder_samples,
     list_samples,
-    load_image,
-    load_mask,
     make_demo_dataset,
-    mask_to_tensor,
-    prepare_images,
 )
 from fastad.errors import FastADError
+from fastad.preprocess import image_to_tensor, load_image, load_mask, mask_to_tensor, prepare_batch, prepare_images
 
 BOTTLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
 
@@ -458,6 +453,19 @@ def test_prepare_images_inputs(tmp_path):
     assert prepare_images((path,), 32, 32).shape == (1, 3, 32, 32)
 
 
+def test_prepare_batch_any_size_and_sizes(tmp_path):
+    """Floats of another size are resized and centre-cropped like images (one input contract);
+    every input reports its own (H, W), a float batch one per image."""
+    rgb = _rgb(h=40, w=30)
+    path = _png(tmp_path / "a.png", rgb)
+    small = torch.rand(2, 3, 30, 20)
+    batch, sizes = prepare_batch([path, rgb[..., 0], small, torch.rand(3, 32, 32)], resize=36, crop=32)
+    assert batch.shape == (5, 3, 32, 32) and sizes == [(40, 30), (40, 30), (30, 20), (30, 20), (32, 32)]
+    resized = torch.nn.functional.interpolate(small, size=(36, 36), mode="bilinear", align_corners=False,
+                                              antialias=True)[:, :, 2:34, 2:34].clamp(0, 1)
+    torch.testing.assert_close(batch[2:4], resized, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     "bad, needle",
     [
@@ -465,9 +473,9 @@ def test_prepare_images_inputs(tmp_path):
         (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
         (torch.rand(1, 3, 32, 32) * 255, "[0, 1]"),
         (torch.rand(1, 3, 32, 32) - 0.5, "[0, 1]"),
-        (torch.rand(1, 3, 30, 30), "(B, 3, 32, 32)"),
-        (np.random.rand(1, 4, 32, 32).astype(np.float32), "(B, 3, 32, 32)"),
-        (np.random.rand(32, 32, 3).astype(np.float32), "(B, 3, 32, 32)"),
+        (np.random.rand(1, 4, 32, 32).astype(np.float32), "(B, 3, H, W)"),
+        (np.random.rand(32, 32, 3).astype(np.float32), "(B, 3, H, W)"),
+        (torch.rand(1, 3, 0, 32), "(B, 3, H, W)"),
         (torch.zeros(0, 3, 32, 32), "empty"),
         (np.zeros((8, 8, 3), np.int64), "unsupported dtype"),
         (np.zeros((8, 8, 5), np.uint8), "uint8 array of shape"),
@@ -498,7 +506,6 @@ def test_anomaly_dataset(tmp_path):
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))  # default collate
     assert batch["image"].shape == (4, 3, 28, 28) and batch["label"].tolist() == [1, 1, 0, 1]
     assert batch["defect"] == ["crack", "crack", "good", "hole"]
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)))
     assert batch["mask"].shape == (4, 1, 28, 28) and batch["label"].dtype == torch.int64
     assert len(batch["path"]) == 4
 

@@ -25,7 +25,8 @@ from .test_cli import assert_user_error, run_cli
 from fastad.errors import FastADError
 from fastad.export import check_onnx, export_engine, export_onnx, read_sidecar
 from fastad.models.fod import FODConfig
-from fastad.runtime import Predictor, default_thresholds, map_to_original
+from fastad.postprocess import default_thresholds, map_to_original
+from fastad.runtime import Predictor
 from fastad.training.loop import train
 
 train_fod = partial(train, model="fod")
@@ -281,12 +282,6 @@ def test_predictor_any_size_masks_and_regions(run_dir, onnx_path, demo_data):
             assert 0 <= x0 < x1 <= mask.shape[1] and 0 <= y0 < y1 <= mask.shape[0]
     none = Predictor(run_dir, device="cpu", threshold=1e9).predict(paths[:1])
     assert not none.is_anomalous.any() and none.regions == [[]] and not none.masks[0].any()
-
-
-def test_map_to_original_with_centre_crop():
-    amap = np.ones((4, 4), np.float32)
-    full = map_to_original(amap, (8, 8), resize=8, crop=4)  # crop window = central 4x4 of 8x8
-    assert full.shape == (8, 8) and full[2:6, 2:6].min() == 1.0 and full[0].max() == 0.0
 
 
 def test_calibrate_sets_threshold_from_normal_images(run_dir, demo_data):

@@ -65,7 +65,7 @@ def test_lean_path_matches_reference(dtype, shared_kv):
 
 def test_benchmark_eager_baseline_is_the_reference_formula():
     """bench/bench_kernels.py times the authors' formulation: it must compute the same numbers."""
-    from fastad.bench.bench_kernels import eager_i2corr
+    from bench.bench_kernels import eager_i2corr
 
     q, k, v, sigma, grid = make_inputs(grid=(10, 10))
     ref = reference64(q, k, v, sigma, grid)

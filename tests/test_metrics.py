@@ -209,7 +209,6 @@ def test_f1_max_and_threshold_hand_computed():
     labels, scores = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
     # t=0.35: predicted {0.35, 0.4, 0.8} -> P=2/3, R=1 -> F1=0.8 (best)
     assert M.f1_max(labels, scores) == pytest.approx(0.8)
-    assert M.best_f1_threshold(labels, scores) == pytest.approx(0.35)
     assert math.isnan(M.f1_max([0, 0], [0.1, 0.2]))
     masks = np.array([[[True, False], [False, True]]])
     maps = np.array([[[0.9, 0.8], [0.1, 0.7]]])

@@ -141,15 +141,35 @@ def test_postprocess_pipeline(backend):
     maps[0, 3:6, 4:8] = 1.0
     maps[0, 12, 12] = 0.8
     maps[1, 8:10, 1:3] = 0.9
-    masks, found = pp.postprocess(maps, 0.5, backend=backend)
+    masks, found = postprocess_all(maps, 0.5, backend=backend)
     assert masks.shape == (2, 16, 16) and masks.dtype == bool
     assert [len(f) for f in found] == [2, 1]
     assert found[0][0] == pp.Region((4, 3, 8, 6), 12, 1.0, (4, 3), 1.0)
     assert found[0][1].bbox == (12, 12, 13, 13)
-    masks, found = pp.postprocess(maps, 0.5, size=(64, 64), min_area=20, backend=backend)
+    masks, found = postprocess_all(maps, 0.5, size=(64, 64), min_area=20, backend=backend)
     want = pp.upsample_bilinear(maps, (64, 64), align_corners=False, backend="python") > 0.5
     np.testing.assert_array_equal(masks, want)
     assert all(r.area >= 20 for f in found for r in f)
+    mask, found = pp.postprocess_image(maps[0], (16, 16), 16, 16, None, backend=backend)
+    assert mask.shape == (16, 16) and not mask.any() and found == []  # no threshold: nothing flagged
+
+
+def postprocess_all(maps, thr, size=None, min_area=1, backend="auto"):
+    """`postprocess_image` over a batch of maps (resize = crop: no crop window to undo)."""
+    s = maps.shape[-1]
+    done = [pp.postprocess_image(m, size or m.shape, s, s, thr, min_area=min_area, backend=backend) for m in maps]
+    return np.stack([m for m, _ in done]), [f for _, f in done]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_map_to_original_undoes_the_centre_crop(backend):
+    amap = np.arange(16, dtype=np.float32).reshape(4, 4) + 1
+    full = pp.map_to_original(amap, (8, 8), resize=8, crop=4, backend=backend)  # window: rows/cols 2..5
+    assert full.shape == (8, 8) and full.dtype == np.float32
+    np.testing.assert_array_equal(full[2:6, 2:6], amap)
+    assert full[:2].max() == 0 and full[:, 6:].max() == 0
+    mask, found = pp.postprocess_image(amap, (8, 8), 8, 4, 15.5, backend=backend)
+    assert mask.sum() == 1 and found[0].peak_xy == (5, 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +211,8 @@ def test_cpp_equals_python(shape):
             assert pp.regions(mask, amap, connectivity=conn, backend="cpp") == \
                 pp.regions(mask, amap, connectivity=conn, backend="python")
     for size in (None, (shape[1] * 2, shape[2] * 2)):
-        masks_c, found_c = pp.postprocess(maps, 0.5, size=size, backend="cpp")
-        masks_p, found_p = pp.postprocess(maps, 0.5, size=size, backend="python")
+        masks_c, found_c = postprocess_all(maps, 0.5, size=size, backend="cpp")
+        masks_p, found_p = postprocess_all(maps, 0.5, size=size, backend="python")
         np.testing.assert_array_equal(masks_c, masks_p)
         assert found_c == found_p
 
@@ -242,8 +262,8 @@ BAD_CALLS = {
     "regions connectivity": lambda b: pp.regions(GOOD[0] > 0, GOOD[0], connectivity=6, backend=b),
     "regions nan inside mask": lambda b: pp.regions(np.ones((2, 2), bool),
                                                     np.array([[0, np.nan], [0, 0]], np.float32), backend=b),
-    "postprocess 2-D": lambda b: pp.postprocess(GOOD[0], 0.5, backend=b),
-    "postprocess size": lambda b: pp.postprocess(GOOD, 0.5, size=(-1, 4), backend=b),
+    "postprocess_image 3-D": lambda b: pp.postprocess_image(GOOD, (4, 4), 4, 4, 0.5, backend=b),
+    "postprocess_image size": lambda b: pp.postprocess_image(GOOD[0], (-1, 4), 4, 4, 0.5, backend=b),
     "unknown backend": lambda b: pp.gaussian_blur(GOOD, backend="fortran"),
 }
 
@@ -267,7 +287,7 @@ def test_same_results_from_four_threads(backend):
     def work():
         blurred = pp.gaussian_blur(maps, backend=backend)
         big = pp.upsample_bilinear(blurred, (160, 160), align_corners=False, backend=backend)
-        masks, found = pp.postprocess(big, 0.1, backend=backend)
+        masks, found = postprocess_all(big, 0.1, backend=backend)
         return blurred, big, masks, found
 
     want = work()

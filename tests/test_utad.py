@@ -230,10 +230,10 @@ def test_run_directory_and_api(tiny_run, demo_data):
     p = fastad.load(tiny_run)
     imgs = sorted((demo_data / "test").rglob("*.png"))[:3]
     res = p.predict([str(i) for i in imgs])
-    assert res.score.shape == (3,) and res.anomaly_map.shape == (3, 64, 64)
+    assert res.scores.shape == (3,) and res.anomaly_maps.shape == (3, 64, 64)
     # batch independence (BatchNorm in eval mode, no cross-sample op)
     one = p.predict(str(imgs[1]))
-    np.testing.assert_allclose(one.score, res.score[1:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one.scores, res.scores[1:2], rtol=1e-5, atol=1e-6)
     # in-sample training scores are what default_thresholds reads
     assert conf["normal_scores"]["max"] >= conf["normal_scores"]["mean"] > 0
 
@@ -357,9 +357,8 @@ def test_intermediates_need_utad(capsys, demo_data, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not BOTTLE.is_dir(), reason="MVTec AD bottle not present")
 def test_bottle_defaults(tmp_path):
-    from fastad.api import load
     from fastad.evaluate import evaluate_run
 
     run = train_utad(BOTTLE, tmp_path / "bottle", progress=False)
-    result = evaluate_run(load(run), BOTTLE, progress=False)
+    result = evaluate_run(fastad.load(run), BOTTLE, progress=False)
     assert result["image_auroc"] >= 0.90 and result["pixel_auroc"] >= 0.90, result

@@ -4,12 +4,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from fastad.data.images import image_to_tensor, load_image, load_mask, mask_to_tensor
 from fastad.data.layouts import Sample
 from fastad.errors import FastADError
+from fastad.preprocess import image_to_tensor, load_image, load_mask, mask_to_tensor
 
 
 class AnomalyDataset(Dataset):
@@ -21,7 +20,7 @@ class AnomalyDataset(Dataset):
     defect str ("good" for normal images)
     path   str
 
-    The default DataLoader collate works (strings become lists); `collate` does the same explicitly.
+    The default DataLoader collate batches them (strings become lists).
     """
 
     def __init__(self, samples: Sequence[Sample], resize: int = 256, crop: int = 256):
@@ -51,14 +50,3 @@ class AnomalyDataset(Dataset):
             "defect": sample.defect,
             "path": sample.path,
         }
-
-
-def collate(items: list[dict]) -> dict:
-    """Batch dataset items: image (B, 3, S, S), mask (B, 1, S, S), label int64 (B,), defect/path lists."""
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
-        "defect": [it["defect"] for it in items],
-        "path": [it["path"] for it in items],
-    }

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from fastad import ops
 from fastad.backbones import FeatureExtractor
 from fastad.data.dataset import AnomalyDataset
-from fastad.data.images import prepare_images
+from fastad.preprocess import prepare_images
 from fastad.data.layouts import list_anomaly_samples
 from fastad.data.synthetic import SYNTHETIC_KINDS, synthesise
 from fastad.errors import FastADError

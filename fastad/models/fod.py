@@ -585,7 +585,7 @@ def cache_tokens(model: FOD, paths: list, device: torch.device, batch_size: int 
     """Backbone tokens of every image, per level [(n, N_l, C_l)] on the CPU (fp32)."""
     from tqdm.auto import tqdm
 
-    from fastad.data.images import prepare_images
+    from fastad.preprocess import prepare_images
 
     cfg = model.cfg
     parts: list[list[torch.Tensor]] = [[] for _ in model.levels]

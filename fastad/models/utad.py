@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..backbones import FeatureExtractor, available_strides
-from ..data.images import prepare_images
+from ..preprocess import prepare_images
 from ..errors import FastADError
 from ..layers import GaussianBlur
 from ..training.task import Option, Stage, Task

@@ -1,4 +1,8 @@
-"""Reading images and masks, and turning them into model-ready tensors.
+"""Preprocessing: decoding images (and dataset masks), resize and centre crop, any input to a
+float batch in [0, 1], and the crop geometry that `postprocess.map_to_original` inverts.
+
+    batch, sizes = prepare_batch(["a.png", pil_image, uint8_hwc, float_chw], resize, crop)
+    # batch: float32 (B, 3, crop, crop) in [0, 1]; sizes: each input's own (H, W)
 
 Every image becomes an 8-bit RGB `PIL.Image.Image`, whatever its file stores:
 
@@ -16,19 +20,26 @@ A missing, empty, corrupt or truncated file raises `FastADError("cannot read ima
 Truncated files are caught because the whole image is decoded (`img.load()`); this module never sets
 PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`.
 
-Preprocessing follows the FOD authors: `Resize((resize, resize))` (bilinear, antialiased) then
-`CenterCrop(crop)`, as torchvision does on PIL images; masks use nearest-neighbour. Tensors are
-float32 in [0, 1]; mean/std normalisation happens inside the model.
+Masks are read here too, not in fastad.data: they share the file checks with images and must be
+resized and cropped by the same geometry as the image they belong to.
+
+Geometry follows the FOD authors: `Resize((resize, resize))` (bilinear, antialiased) then
+`CenterCrop(crop)`, as torchvision does on PIL images; masks use nearest-neighbour; float inputs
+of another size are resized by torch with the same filter. The crop window starts at
+`crop_offset(resize, crop)` on both axes. Tensors are float32 in [0, 1]; mean/std normalisation
+happens inside the model (and inside the exported graph).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from fastad.errors import FastADError
+from .errors import FastADError
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _FLOAT_TOLERANCE = 1e-3
@@ -180,7 +191,12 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     return arr != 0
 
 
-# ----------------------------------------------------------------------------- preprocessing
+# ----------------------------------------------------------------------------- geometry
+
+
+def crop_offset(resize: int, crop: int) -> int:
+    """Top (= left) edge of the centre crop window inside the resize x resize image."""
+    return int(round((resize - crop) / 2.0))
 
 
 def _check_sizes(resize: int, crop: int) -> None:
@@ -192,9 +208,8 @@ def _resize_crop(img: Image.Image, resize: int, crop: int, resample: int) -> Ima
     """torchvision `Resize((resize, resize))` + `CenterCrop(crop)` on a PIL image."""
     _check_sizes(resize, crop)
     img = img.resize((int(resize), int(resize)), resample)
-    top = int(round((resize - crop) / 2.0))
-    left = int(round((resize - crop) / 2.0))
-    return img.crop((left, top, left + crop, top + crop))
+    top = crop_offset(resize, crop)
+    return img.crop((top, top, top + crop, top + crop))
 
 
 def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256) -> torch.Tensor:
@@ -216,15 +231,14 @@ def mask_to_tensor(mask: np.ndarray | Image.Image, resize: int = 256, crop: int 
     return torch.from_numpy(np.asarray(img) > 0).float().unsqueeze(0)
 
 
-def _float_batch(x: torch.Tensor, crop: int, what: str) -> torch.Tensor:
-    """Validate a float (B, 3, crop, crop) or (3, crop, crop) batch in [0, 1]; return (B, 3, crop, crop)."""
+def _float_to_batch(x: torch.Tensor, resize: int, crop: int, what: str) -> torch.Tensor:
+    """A float (3, H, W) / (B, 3, H, W) image in [0, 1] -> float32 (B, 3, crop, crop). crop² is used
+    as is; another size is resized and centre-cropped like the PIL path (bilinear, antialiased)."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != crop or x.shape[3] != crop:
-        raise FastADError(
-            f"{what} has shape {tuple(x.shape)}: float input must be (B, 3, {crop}, {crop}) "
-            "already resized and cropped (pass uint8 H x W x 3 arrays, PIL images or paths to be resized)"
-        )
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise FastADError(f"{what} has shape {tuple(x.shape)}: float images must be (3, H, W) or "
+                          "(B, 3, H, W) RGB in [0, 1]")
     if x.shape[0] == 0:
         raise FastADError(f"{what} is an empty batch")
     x = x.to(torch.float32)
@@ -236,46 +250,18 @@ def _float_batch(x: torch.Tensor, crop: int, what: str) -> torch.Tensor:
             f"{what} has values in [{lo:.4g}, {hi:.4g}]: float input must be in [0, 1] "
             "(not mean/std normalised, not 0..255)"
         )
+    if x.shape[2] != crop or x.shape[3] != crop:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", align_corners=False, antialias=True)
+        top = crop_offset(resize, crop)
+        x = x[:, :, top:top + crop, top:top + crop]
     return x.clamp(0.0, 1.0)
 
 
-def _one_image(item, resize: int, crop: int, what: str) -> torch.Tensor:
-    """One path / PIL image / uint8 array / float (3, crop, crop) -> (1, 3, crop, crop)."""
-    if isinstance(item, (str, os.PathLike)):
-        return image_to_tensor(load_image(item), resize, crop).unsqueeze(0)
-    if isinstance(item, Image.Image):
-        return image_to_tensor(item, resize, crop).unsqueeze(0)
-    if isinstance(item, torch.Tensor):
-        if not item.is_floating_point():
-            raise FastADError(
-                f"{what} is a {item.dtype} tensor: tensors must be float in [0, 1] shaped (B, 3, {crop}, {crop}); "
-                "pass uint8 images as numpy H x W x 3 arrays"
-            )
-        return _float_batch(item.detach().cpu(), crop, what)
-    if isinstance(item, np.ndarray):
-        if item.dtype == np.uint8:
-            if item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4)):
-                if 0 in item.shape:
-                    raise FastADError(f"{what} is an empty array of shape {item.shape}")
-                return image_to_tensor(_array_to_rgb(item), resize, crop).unsqueeze(0)
-            raise FastADError(f"{what} is a uint8 array of shape {item.shape}: expected H x W, H x W x 3 or H x W x 4")
-        if np.issubdtype(item.dtype, np.floating):
-            return _float_batch(torch.from_numpy(np.ascontiguousarray(item)), crop, what)
-        raise FastADError(f"{what} has unsupported dtype {item.dtype}: use uint8 images or float32 in [0, 1]")
-    raise FastADError(
-        f"{what} has unsupported type {type(item).__name__}: expected a path, PIL image, numpy array or tensor"
-    )
+# ----------------------------------------------------------------------------- any input -> batch
 
 
-def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
-    """Turn user input into a float32 batch (B, 3, crop, crop) in [0, 1].
-
-    Accepts a path (str/Path), PIL image, uint8 numpy array (H x W, H x W x 3, H x W x 4, or a
-    B x H x W x 3 stack), each resized and centre-cropped; a float numpy array / torch tensor
-    (B, 3, crop, crop) or (3, crop, crop) in [0, 1] used as is; or a list/tuple mixing these.
-    Raises FastADError for empty input, wrong shape, non-finite or out-of-range values, bad types.
-    """
-    _check_sizes(resize, crop)
+def _items(images) -> list:
+    """User input -> a list of single images (a float 4-D array or tensor stays one item: a batch)."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
         images = list(images)  # stack of H x W x C images
         if not images:
@@ -283,15 +269,71 @@ def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
     if isinstance(images, (list, tuple)):
         if len(images) == 0:
             raise FastADError("no images given: the list is empty")
-        parts = [_one_image(item, resize, crop, f"image {i}") for i, item in enumerate(images)]
-        return torch.cat(parts, dim=0)
-    return _one_image(images, resize, crop, "input")
+        return list(images)
+    return [images]
+
+
+def _one_item(item, resize: int, crop: int, what: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """One path / PIL image / uint8 array / float (3, H, W) or (B, 3, H, W) ->
+    ((n, 3, crop, crop), [(H, W)] * n), decoding a file once."""
+    if isinstance(item, (str, os.PathLike)):
+        item = load_image(item)
+    if isinstance(item, Image.Image):
+        return image_to_tensor(item, resize, crop).unsqueeze(0), [(item.height, item.width)]
+    if isinstance(item, np.ndarray) and np.issubdtype(item.dtype, np.floating):
+        item = torch.from_numpy(np.ascontiguousarray(item))
+    if isinstance(item, torch.Tensor):
+        if not item.is_floating_point():
+            raise FastADError(
+                f"{what} is a {item.dtype} tensor: tensors must be float in [0, 1] shaped (3, H, W) or "
+                "(B, 3, H, W); pass uint8 images as numpy H x W x 3 arrays"
+            )
+        batch = _float_to_batch(item.detach().cpu(), resize, crop, what)
+        return batch, [tuple(int(v) for v in item.shape[-2:])] * batch.shape[0]
+    if isinstance(item, np.ndarray):
+        if item.dtype == np.uint8:
+            if item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 3, 4)):
+                if 0 in item.shape:
+                    raise FastADError(f"{what} is an empty array of shape {item.shape}")
+                return image_to_tensor(_array_to_rgb(item), resize, crop).unsqueeze(0), [item.shape[:2]]
+            raise FastADError(f"{what} is a uint8 array of shape {item.shape}: expected H x W, H x W x 3 or H x W x 4")
+        raise FastADError(f"{what} has unsupported dtype {item.dtype}: use uint8 images or float32 in [0, 1]")
+    raise FastADError(
+        f"{what} has unsupported type {type(item).__name__}: expected a path, PIL image, numpy array or tensor"
+    )
+
+
+def prepare_batch(images, resize: int = 256, crop: int = 256) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """User input -> (float32 batch (B, 3, crop, crop) in [0, 1], [(H, W) of each input image]).
+
+    Accepts a path (str/Path), PIL image, uint8 numpy array (H x W, H x W x 3, H x W x 4, or a
+    B x H x W x 3 stack), a float numpy array / torch tensor (3, H, W) or (B, 3, H, W) in [0, 1]
+    of any size (crop x crop is used as is), or a list/tuple mixing these. Everything but
+    crop-sized floats is resized to resize x resize and centre-cropped to crop x crop.
+    Raises FastADError for empty input, wrong shape, non-finite or out-of-range values, bad types.
+    """
+    _check_sizes(resize, crop)
+    items = _items(images)
+    several = isinstance(images, (list, tuple)) or len(items) > 1
+    parts, sizes = [], []
+    for i, item in enumerate(items):
+        batch, item_sizes = _one_item(item, resize, crop, f"image {i}" if several else "input")
+        parts.append(batch)
+        sizes.extend((int(h), int(w)) for h, w in item_sizes)
+    return torch.cat(parts, dim=0), sizes
+
+
+def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
+    """`prepare_batch` without the input sizes: user input -> float32 (B, 3, crop, crop) in [0, 1]."""
+    return prepare_batch(images, resize, crop)[0]
 
 
 __all__ = [
     "load_image",
     "load_mask",
+    "crop_offset",
     "image_to_tensor",
     "mask_to_tensor",
+    "prepare_batch",
     "prepare_images",
 ]

@@ -1,4 +1,4 @@
-"""End-to-end runtime benchmark: every backend, every batch size, parity against torch.
+"""`fastad bench`: end-to-end runtime benchmark, every backend, every batch size, parity against torch.
 
     fastad bench --run runs/bottle --backend torch,onnx[,triton,tensorrt] --batch 1,8,32 \
                  --json bench.json [--md bench.md] [--png bench.png] [--data DIR]
@@ -6,9 +6,10 @@
 For each (backend, batch): latency p50/p90/p99 of `Predictor.scores_and_maps` on a ready float32
 batch (the model call: preprocessing excluded, the same for every backend), images/s, peak memory
 during one call (CPU: process RSS; GPU: device memory in use), above the level before the call
-and in total — onnxruntime reuses its arena after the warm-up, so its increase is often ~0 — and the max |Δ| of maps and scores against the torch reference on the same
-inputs. Backends are measured round-robin, one call each per round, so that the noise of a shared
-machine hits them alike: compare ratios within one run; absolute times only from a GPU.
+and in total — onnxruntime reuses its arena after the warm-up, so its increase is often ~0 — and
+the max |Δ| of maps and scores against the torch reference on the same inputs. Backends are
+measured round-robin, one call each per round, so that the noise of a shared machine hits them
+alike: compare ratios within one run; absolute times only from a GPU.
 
 onnx / tensorrt need files: `--onnx FILE` / `--engine FILE`, or they are exported from the run
 into a temporary directory first (TensorRT: needs TensorRT).
@@ -26,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastad.errors import FastADError
-from fastad.utils import atomic_path, library_versions, write_json
-
-KNOWN = ("torch", "torch-lean", "triton", "onnx", "tensorrt")
+from .backends import BACKENDS, RUN_BACKENDS
+from .errors import FastADError
+from .preprocess import prepare_images
+from .runtime import Predictor
+from .utils import atomic_path, library_versions, write_json
 
 
 def device_name(device: str) -> str:
@@ -86,8 +88,7 @@ def _inputs(data: str | None, crop: int, resize: int, n: int, seed: int = 0) -> 
     """n images: real ones from a dataset's test split (cycled), else seeded uniform noise."""
     if data is None:
         return np.random.default_rng(seed).random((n, 3, crop, crop), dtype=np.float32)
-    from fastad.data.images import prepare_images
-    from fastad.data.layouts import list_samples
+    from .data.layouts import list_samples
 
     paths = [s.path for s in list_samples(data, split="test")][:n]
     batch = prepare_images([str(p) for p in paths], resize, crop).numpy()
@@ -95,14 +96,12 @@ def _inputs(data: str | None, crop: int, resize: int, n: int, seed: int = 0) -> 
 
 
 def _open(backend: str, run_dir: str, device: str, files: dict, tmp: Path, batches: list[int]):
-    from fastad.runtime import Predictor
-
-    if backend in ("torch", "torch-lean", "triton"):
+    if backend in RUN_BACKENDS:
         return Predictor(run_dir, backend=backend, device=device, batch_size=max(batches))
     if backend == "onnx":
         path = files.get("onnx")
         if path is None:
-            from fastad.export.onnx import export_onnx
+            from .export.onnx import export_onnx
 
             path = tmp / "model.onnx"
             export_onnx(run_dir, path, check=False)
@@ -110,12 +109,12 @@ def _open(backend: str, run_dir: str, device: str, files: dict, tmp: Path, batch
     if backend == "tensorrt":
         path = files.get("engine")
         if path is None:
-            from fastad.export.tensorrt import export_engine
+            from .export.tensorrt import export_engine
 
             path = tmp / "model.engine"
             export_engine(run_dir, path, max_batch=max(batches), opt_batch=max(batches))
         return Predictor(path, backend="tensorrt", device=device, batch_size=max(batches))
-    raise FastADError(f"unknown backend {backend!r}: use {', '.join(KNOWN)}")
+    raise FastADError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
 
 
 def run_bench(run_dir: str, backends: list[str], batches: list[int], *, device: str = "auto",
@@ -123,8 +122,8 @@ def run_bench(run_dir: str, backends: list[str], batches: list[int], *, device: 
               onnx: str | None = None, engine: str | None = None, command: str | None = None) -> dict:
     """Measure; -> the JSON-ready result dict (see module docstring)."""
     for b in backends:
-        if b not in KNOWN:
-            raise FastADError(f"unknown backend {b!r}: use {', '.join(KNOWN)}")
+        if b not in BACKENDS:
+            raise FastADError(f"unknown backend {b!r}: use {', '.join(BACKENDS)}")
     if not batches or min(batches) < 1:
         raise FastADError(f"batch sizes must be >= 1, got {batches}")
     if device == "auto":
