@@ -1,7 +1,6 @@
 """fastad: transformer-based industrial visual anomaly detection, built for deployment."""
-from .errors import FastADError
-
 from ._version import __version__
+from .errors import FastADError
 
 
 def load(path, backend: str = "auto", device: str = "auto", **kw):

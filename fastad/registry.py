@@ -32,10 +32,7 @@ class Family:
     explain: Callable | None = None
 
     def build(self, cfg, backbone, impl: str = "reference"):
-        model = self.model(cfg, backbone)  # MERGE: impl goes to the constructor
-        if impl != "reference" and hasattr(model, "use_kernels"):
-            model.use_kernels({"lean": "torch", "triton": "triton"}[impl])
-        return model
+        return self.model(cfg, backbone, impl=impl)
 
 
 FAMILIES: dict[str, Family] = {}

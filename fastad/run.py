@@ -24,6 +24,7 @@ from ._version import __version__
 from .backbones import FeatureExtractor
 from .backends import IMPL_OF_BACKEND, RUN_BACKENDS
 from .errors import FastADError
+from .ops import set_impl
 from .utils import atomic_path, resolve_device, write_json
 
 CONFIG_FILE = "config.json"
@@ -195,7 +196,7 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto", backend: str = 
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
     try:
-        model = family.build(cfg, backbone, impl=IMPL_OF_BACKEND[backend])
+        model = family.build(cfg, backbone)
     except ValueError as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
     try:
@@ -204,4 +205,5 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto", backend: str = 
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
         raise FastADError(f"{run / WEIGHTS_FILE} does not match {CONFIG_FILE} "
                           f"(other backbone or config?): {first}") from None
-    return model.to(resolve_device(device)).eval(), conf
+    model = model.to(resolve_device(device)).eval()
+    return set_impl(model, IMPL_OF_BACKEND[backend]), conf  # on its device: Triton needs CUDA
