@@ -74,7 +74,7 @@ def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, fi
         "sha256": file_sha256(file),
         "artifact": fmt,
         "precision": precision,
-        "model": conf.get("model", "fod"),
+        "model": conf["model"],
         "input": {
             "name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 3, cfg.crop, cfg.crop],
             "layout": "NCHW", "color": "RGB", "range": [0.0, 1.0],

@@ -11,9 +11,9 @@ def load(path, backend: str = "auto", device: str = "auto", **kw):
     return Predictor(path, backend, device, **kw)
 
 
-def train(data, out, *, model: str = "fod", **kwargs):
-    """Train a model family on the normal images of `data`, writing the run directory `out`
-    (see fastad.training.loop.train for the options)."""
+def train(data, out, *, model: str | None = None, **kwargs):
+    """Train a model family (default: FOD, the flagship) on the normal images of `data`, writing
+    the run directory `out` (see fastad.training.loop.train for the options)."""
     from .training.loop import train as _train
 
     return _train(data, out, model=model, **kwargs)

@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="train a model on the normal images of a dataset")
-    p.add_argument("--model", default="fod", choices=list(registry.FAMILIES),
-                   help="model family (default fod): " + "; ".join(f"{f.name}: {f.title}" for f in registry.FAMILIES.values()))
+    p.add_argument("--model", default=registry.DEFAULT, choices=list(registry.FAMILIES),
+                   help=f"model family (default {registry.DEFAULT}): " + "; ".join(f"{f.name}: {f.title}" for f in registry.FAMILIES.values()))
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")

@@ -36,6 +36,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
+DEFAULT = "fod"  # the flagship: what `fastad train` and `fastad demo` train unless told otherwise
 
 
 def register(family: Family) -> Family:

@@ -62,7 +62,7 @@ class TorchEngine:
         self.model, self.name = model, backend
         self.device = next(model.parameters()).device
         cfg = model.cfg
-        self.meta = {"model": conf.get("model", "fod"), "resize": cfg.resize, "crop": cfg.crop,
+        self.meta = {"model": conf["model"], "resize": cfg.resize, "crop": cfg.crop,
                      "thresholds": default_thresholds(conf), "source": str(run_dir)}
 
     @torch.inference_mode()
@@ -242,13 +242,13 @@ class Predictor:
 
     @property
     def model(self):
-        """The torch model (FOD, ADTR, UTAD) of a run directory, e.g. for `model.explain`; None
-        for an exported .onnx / .engine."""
+        """The torch model of a run directory (e.g. for its family's `explain`); None for an
+        exported .onnx / .engine."""
         return self.engine.model
 
     @property
     def family(self) -> str | None:
-        """The model family ("fod", "adtr", "utad") from the run config or the sidecar."""
+        """The model family's registry name, from the run config or the sidecar."""
         return self.engine.meta.get("model")
 
     def scores_and_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,17 +33,18 @@ from .task import Stage, Task
 log = logging.getLogger(__name__)
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod", layout: str | None = None,
+def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None, layout: str | None = None,
           device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
           config=None, **options) -> Path:
-    """Train a model family on the normal training images of `data`; write the run to `out`.
+    """Train a model family (default: `registry.DEFAULT`) on the normal training images of
+    `data`; write the run to `out`.
 
     `options`: the shared ones (epochs, backbone, weights, batch_size, lr, seed; None = the
     config's value) and the family's own (`Family.options` of its registry entry).
     `config`: a full config to start from instead of the family's defaults.
     With `resume`, only the epochs may change. -> `out`.
     """
-    family = registry.get(model)
+    family = registry.get(model or registry.DEFAULT)
     known = {"epochs", "backbone", "weights", "batch_size", "lr", "seed"} | {o.dest for o in family.options}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -53,7 +54,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str = "fod"
     dev = resolve_device(device)
     task: Task = family.task(options, resume=resume)
     saved = saved_run_config(out) if resume else None
-    if saved is not None and saved.get("model", "fod") != family.name:
+    if saved is not None and saved.get("model") != family.name:
         raise FastADError(f"cannot resume {out} as {family.name}: it is a {saved.get('model')} run")
     cfg = _resolve_config(family.name, task, config, saved, out)
     samples = list_samples(data, "train", layout=layout)
