@@ -1,4 +1,4 @@
-"""Benchmark scripts and suites (importable as ``fastad.bench`` for the tests that reuse a
-script's helper; `fastad bench` itself is fastad/benchmark.py): the bench_*.py scripts, parity.py
-and the pytest-benchmark suites (test_*.py, run with `pytest bench --benchmark-only`) time single
-hot functions. Results worth keeping go to bench/results/."""
+"""Benchmark scripts and suites (not installed; tests import a script's helper as `bench.…`;
+`fastad bench` itself is fastad/benchmark.py): the bench_*.py scripts, parity.py and the
+pytest-benchmark suites (test_*.py, run with `pytest bench --benchmark-only`) time single hot
+functions. Results worth keeping go to bench/results/."""
