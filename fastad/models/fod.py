@@ -81,8 +81,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastad import ops
+from fastad.backbones import FeatureExtractor
 from fastad.layers import GaussianBlur, sincos_position_code
 from fastad.ops import at_least_fp32, attn_entropy, patch_positions, rbf_target_at, sym_kl
+from fastad.preprocess import prepare_images
 from fastad.training.task import Option, Stage, Task
 from fastad.utils import JSONConfig
 
@@ -516,8 +518,6 @@ class FODTask(Task):
     config_class = FODConfig
 
     def backbone(self, cfg: FODConfig, saved_run):
-        from fastad.backbones import FeatureExtractor
-
         return FeatureExtractor(cfg.backbone, cfg.backbone_strides(), weights=self.options.get("weights") or "auto")
 
     def prepare(self, model: FOD, samples, device, progress: bool) -> dict:
@@ -584,8 +584,6 @@ def cache_tokens(model: FOD, paths: list, device: torch.device, batch_size: int 
                  progress: bool = True) -> list[torch.Tensor]:
     """Backbone tokens of every image, per level [(n, N_l, C_l)] on the CPU (fp32)."""
     from tqdm.auto import tqdm
-
-    from fastad.preprocess import prepare_images
 
     cfg = model.cfg
     parts: list[list[torch.Tensor]] = [[] for _ in model.levels]

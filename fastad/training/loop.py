@@ -8,6 +8,10 @@ Everything that can fail on user input (paths, options, data, configs) fails bef
 byte is written. The schedule is fixed: model selection never looks at test data. A run
 interrupted after an epoch continues from its checkpoint with `resume=True` and ends with the
 same weights as an uninterrupted run (shuffling is seeded per epoch).
+
+Seams for what comes later: data-parallel training shards each epoch's seeded `order` by rank in
+`_run_epoch` and wraps the stage's trainable module (the step closes over it) before `stages`
+returns; a fused training kernel is an `impl` of the family's ops, chosen when the model is built.
 """
 from __future__ import annotations
 
