@@ -175,8 +175,43 @@ def test_engine_export_without_tensorrt(run_dir, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# Engine build logic against a fake `tensorrt` module (records the calls; no GPU involved)
+# Engine build logic against a fake `tensorrt` module (records the calls; no GPU involved),
+# checked against the names of the real TensorRT bindings of the simulated version
 # --------------------------------------------------------------------------------------------
+TRT_API = Path(__file__).resolve().parents[1] / "export" / "trt_api"
+
+
+def real_tensorrt_names(version: str) -> set[str]:
+    """Every name of the real TensorRT Python bindings of `version`'s major release (extracted
+    from PyPI's bindings wheels by export/trt_api/refresh.py: 10.3 and 11.4)."""
+    (path,) = TRT_API.glob(f"tensorrt-{version.split('.')[0]}.*.json")
+    return set(json.loads(path.read_text())["names"])
+
+
+class RealNamesOnly:
+    """Wraps the fake module and everything it hands out (classes, methods, enums, objects): each
+    attribute and keyword argument the code under test touches must be a name of the real
+    bindings; misses go to `missing` as "Owner.name". Dunders (`__version__`) are Python-side."""
+
+    def __init__(self, target, owner: str, names: set[str], missing: list):
+        vars(self).update(_target=target, _owner=owner, _names=names, _missing=missing)
+
+    def _wrap(self, value, owner: str):
+        if isinstance(value, (int, float, str, bytes, tuple, type(None))):
+            return value
+        return RealNamesOnly(value, owner, self._names, self._missing)
+
+    def __getattr__(self, name):
+        if not name.startswith("__") and name not in self._names:
+            self._missing.append(f"{self._owner}.{name}")
+        return self._wrap(getattr(self._target, name), name)
+
+    def __call__(self, *args, **kwargs):
+        self._missing.extend(f"{self._owner}({k}=)" for k in kwargs if k not in self._names)
+        result = self._target(*args, **kwargs)
+        return self._wrap(result, type(result).__name__)
+
+
 def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
@@ -185,15 +220,15 @@ def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
     trt.BuilderFlag = types.SimpleNamespace(FP16="fp16")
 
-    class Profile:
+    class IOptimizationProfile:
         def set_shape(self, name, lo, opt, hi):
             calls.append(("profile", name, lo, opt, hi))
 
-    class Cache:
+    class ITimingCache:
         def serialize(self):
             return b"timing-cache"
 
-    class Config:
+    class IBuilderConfig:
         def set_memory_pool_limit(self, pool, size):
             calls.append(("workspace", size))
 
@@ -205,13 +240,13 @@ def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
 
         def create_timing_cache(self, data):
             calls.append(("cache_in", data))
-            return Cache()
+            return ITimingCache()
 
         def set_timing_cache(self, cache, ignore_mismatch):
             pass
 
         def get_timing_cache(self):
-            return Cache()
+            return ITimingCache()
 
     class Builder:
         def __init__(self, logger):
@@ -222,10 +257,10 @@ def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
             return object()
 
         def create_builder_config(self):
-            return Config()
+            return IBuilderConfig()
 
         def create_optimization_profile(self):
-            return Profile()
+            return IOptimizationProfile()
 
         def build_serialized_network(self, network, config):
             return b"serialized-engine"
@@ -240,14 +275,42 @@ def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
             calls.append(("onnx", onnx.load(path).graph.initializer[0].data_type))
             return True
 
-    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    class IExecutionContext:
+        def set_input_shape(self, name, shape):
+            calls.append(("input_shape", name, shape))
+
+        def set_tensor_address(self, name, address):
+            calls.append(("address", name))
+
+        def execute_async_v3(self, stream_handle):
+            calls.append(("execute", stream_handle))
+            return True
+
+    class ICudaEngine:
+        def create_execution_context(self):
+            return IExecutionContext()
+
+        def get_tensor_profile_shape(self, name, profile_index):
+            return (1, 3, 128, 128), (4, 3, 128, 128), (16, 3, 128, 128)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            calls.append(("deserialize", data))
+            return ICudaEngine()
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
     return trt
 
 
-@pytest.mark.parametrize("version,strong", [("10.3.0", False), ("11.0.0", True)])
+@pytest.mark.parametrize("version,strong", [("10.3.0", False), ("11.4.0", True)])
 def test_engine_build_logic(run_dir, tmp_path, monkeypatch, version, strong):
     calls: list = []
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, calls))
+    missing: list = []
+    trt = RealNamesOnly(fake_tensorrt(version, calls), "tensorrt", real_tensorrt_names(version), missing)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     out = tmp_path / "m.engine"
     cache = tmp_path / "trt.cache"
     side = export_engine(run_dir, out, fp16=True, min_batch=1, opt_batch=4, max_batch=16, timing_cache=cache)
@@ -261,6 +324,63 @@ def test_engine_build_logic(run_dir, tmp_path, monkeypatch, version, strong):
     assert parsed_dtypes == [TensorProto.FLOAT16 if strong else TensorProto.FLOAT]
     assert ("--stronglyTyped" in side["tensorrt"]["trtexec"]) is strong
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json", "trt.cache"]
+    assert missing == [], f"not in the TensorRT {version} bindings: {missing}"
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+def test_engine_parse_failure_names_the_parser_error(run_dir, tmp_path, monkeypatch, version):
+    class ParserError:
+        def desc(self):
+            return "unsupported operator Foo"
+
+    fake = fake_tensorrt(version, [])
+    fake.OnnxParser.num_errors = 1
+    fake.OnnxParser.parse_from_file = lambda self, path: False
+    fake.OnnxParser.get_error = lambda self, index: ParserError()
+    missing: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", RealNamesOnly(fake, "tensorrt", real_tensorrt_names(version), missing))
+    with pytest.raises(FastADError, match="unsupported operator Foo"):
+        export_engine(run_dir, tmp_path / "m.engine")
+    assert missing == [], f"not in the TensorRT {version} bindings: {missing}"
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+def test_engine_runner_calls(run_dir, tmp_path, monkeypatch, version):
+    """The runtime's TensorRTEngine against the same checked fake; CUDA streams stubbed, buffers on
+    the CPU (only the calls and names are under test here)."""
+    import contextlib
+
+    import torch
+
+    from fastad.runtime import TensorRTEngine
+
+    calls: list = []
+    missing: list = []
+    trt = RealNamesOnly(fake_tensorrt(version, calls), "tensorrt", real_tensorrt_names(version), missing)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    export_engine(run_dir, tmp_path / "m.engine", min_batch=1, opt_batch=4, max_batch=16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: types.SimpleNamespace(cuda_stream=7, synchronize=lambda: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    engine = TensorRTEngine(tmp_path / "m.engine")
+    assert engine.max_batch == 16 and ("deserialize", b"serialized-engine") in calls
+    engine.device = torch.device("cpu")
+    amap, score = engine.run(np.zeros((2, 3, 128, 128), np.float32))
+    assert amap.shape == (2, 128, 128) and score.shape == (2,)
+    assert ("input_shape", "images", (2, 3, 128, 128)) in calls and ("execute", 7) in calls
+    assert {c[1] for c in calls if c[0] == "address"} == {"images", "anomaly_map", "score"}
+    assert missing == [], f"not in the TensorRT {version} bindings: {missing}"
+
+
+def test_real_names_check_catches_a_name_tensorrt_lacks(run_dir, tmp_path, monkeypatch):
+    """The 10.x path sets BuilderFlag.FP16, which TensorRT 11 removed: run against 11.4's names,
+    the check reports it."""
+    missing: list = []
+    trt = RealNamesOnly(fake_tensorrt("10.3.0", []), "tensorrt", real_tensorrt_names("11.4.0"), missing)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    export_engine(run_dir, tmp_path / "m.engine", fp16=True)
+    assert missing == ["BuilderFlag.FP16"]
+    assert "FP16" in real_tensorrt_names("10.3.0")
 
 
 # --------------------------------------------------------------------------------------------
