@@ -60,8 +60,11 @@ if triton is not None:
 
 
 def feature_distance_triton(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor | None = None,
-                            kind: str = "mse_cos", block_r: int = 32) -> torch.Tensor:
-    """Launch the fused kernel: x, x̂ (B, N, C) any float dtype -> (B, N) fp32."""
+                            kind: str = "mse_cos", block_r: int = 32, num_warps: int = 8) -> torch.Tensor:
+    """Launch the fused kernel: x, x̂ (B, N, C) any float dtype -> (B, N) fp32.
+
+    8 warps: with 4, a 32×128 tile of the "mse_cos" kind spills registers on sm_80–sm_90
+    (bench/results/kernels-aot.md)."""
     b, n, c = x.shape
     x2, h2 = x.reshape(b * n, c), x_hat.reshape(b * n, c)
     out = torch.empty(b * n, device=x.device, dtype=torch.float32)
@@ -70,6 +73,7 @@ def feature_distance_triton(x: torch.Tensor, x_hat: torch.Tensor, weight: torch.
     _feature_distance_fwd_kernel[(triton.cdiv(b * n, block_r),)](
         x2, h2, w, out, b * n, c, *x2.stride(), *h2.stride(),
         HAS_WEIGHT=weight is not None, L2=kind == "l2", BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return out.view(b, n)
 

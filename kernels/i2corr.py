@@ -175,9 +175,31 @@ def _use_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or _upcast(dtype)
 
 
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+# Tensor-core dots (fp16/bf16) keep their tiles in few registers; fp32's IEEE dots run on the FMA
+# units with whole tiles per thread, and 64×64 tiles with 4 warps spill on sm_80–sm_90 (Dh = 32
+# and 64; bench/results/kernels-aot.md).
+TENSOR_CORE_LAUNCH = LaunchConfig(block_m=64, block_n=64, num_warps=4)
+IEEE_LAUNCH = LaunchConfig(block_m=64, block_n=16, num_warps=8)
+
+
+def default_launch(dtype: torch.dtype) -> LaunchConfig:
+    return IEEE_LAUNCH if dtype == torch.float32 else TENSOR_CORE_LAUNCH
+
+
 def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
-                          block_m: int = 64, block_n: int = 64, num_warps: int = 4) -> I2CorrOutput:
-    """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, M, Dh); σ (B, H, N, 2)."""
+                          block_m: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None) -> I2CorrOutput:
+    """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, M, Dh); σ (B, H, N, 2).
+    Tiles and warps default to `default_launch(q.dtype)`."""
+    launch = default_launch(q.dtype)
+    block_m, block_n = block_m or launch.block_m, block_n or launch.block_n
+    num_warps = num_warps or launch.num_warps
     b, h, n, dh = q.shape
     m = k.shape[2]
     k = k.expand(b, -1, -1, -1)
