@@ -1,0 +1,89 @@
+"""Ahead-of-time builds of every Triton kernel for the target GPUs, on this machine (no GPU needed).
+
+    python bench/build_kernels_aot.py                       # sm_90, sm_89, sm_87, sm_80 × fp32/fp16/bf16
+    python bench/build_kernels_aot.py --arch 90 --dtype fp16
+
+Each kernel × variant (constexprs) × dtype × arch, in the launchers' default configs
+(`fastad.kernels.aot`), is compiled to a cubin; the record holds registers per thread, spills
+(stack / local bytes per thread), shared memory per block against the arch's limit, and the
+build time. Writes bench/results/kernels-aot.json and a Markdown table beside it; exits 1 when a
+build spills or exceeds its shared-memory limit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Kernels must be defined for a GPU build, not for Triton's interpreter; an empty cache makes the
+# build times real (cached builds take ~0 s).
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastad-aot-cache-")
+
+from fastad.kernels import aot  # noqa: E402
+from fastad.utils import atomic_path, library_versions, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def variant(constexprs: dict) -> str:
+    """The constexprs that vary between launches (the rest follow from them or never change)."""
+    keys = ("HEAD_DIM", "WITH_STATS", "BLOCK_M", "BLOCK_N", "L2", "HAS_WEIGHT", "BLOCK_R", "BLOCK_C")
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items() if k in keys)
+
+
+def markdown(result: dict) -> str:
+    archs = result["archs"]
+    lines = ["# Triton kernels built ahead of time", "", f"`{result['command']}` — triton "
+             f"{result['versions'].get('triton')}, torch {result['versions']['torch']}", "",
+             "Per cell: registers per thread / spill bytes per thread (stack + local) / shared memory "
+             "per block in KB. Limits per block: "
+             + ", ".join(f"sm_{a} {aot.SHARED_LIMIT_BYTES[a] // 1024} KB" for a in archs) + ".", "",
+             "| kernel | variant | dtype | warps | " + " | ".join(f"sm_{a} ({aot.ARCHS[a]})" for a in archs) + " |",
+             "|---|---|---|---|" + "---|" * len(archs)]
+    rows: dict[tuple, dict] = {}
+    for r in result["records"]:
+        rows.setdefault((r["kernel"], variant(r["constexprs"]), r["dtype"], r["num_warps"]), {})[r["arch"]] = r
+    for (kernel, var, dtype, warps), by_arch in rows.items():
+        cells = [f"{r['registers']} / {r['spill_bytes'] + r['local_bytes']} / {r['shared_bytes'] / 1024:.1f}"
+                 if (r := by_arch.get(a)) else "—" for a in archs]
+        lines.append(f"| {kernel} | {var} | {dtype} | {warps} | " + " | ".join(cells) + " |")
+    problems = result["problems"]
+    lines += ["", "Problems: " + ("none" if not problems else ""), *[f"- {p}" for p in problems]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, nargs="+", default=list(aot.ARCHS), choices=list(aot.ARCHS))
+    p.add_argument("--dtype", nargs="+", default=list(aot.DTYPES), choices=list(aot.DTYPES))
+    p.add_argument("--json", type=Path, default=RESULTS / "kernels-aot.json")
+    p.add_argument("--md", type=Path, default=RESULTS / "kernels-aot.md")
+    args = p.parse_args(argv)
+
+    records = []
+    for arch in args.arch:
+        for dtype in args.dtype:
+            for config in aot.launch_configs(dtype):
+                build = aot.build(config, dtype, arch)
+                records.append(build._asdict() | {"gpus": aot.ARCHS[arch],
+                                                  "shared_limit_bytes": aot.SHARED_LIMIT_BYTES[arch]})
+                print(f"sm_{arch} {dtype} {build.kernel} {variant(build.constexprs)}: {build.registers} regs, "
+                      f"{build.spill_bytes + build.local_bytes} B spilled, {build.shared_bytes} B shared, "
+                      f"{build.build_s} s", flush=True)
+    problems = [p for r in records for p in aot.problems(aot.Build(**{k: r[k] for k in aot.Build._fields}))]
+    result = {"versions": library_versions(), "command": " ".join(["python", "bench/build_kernels_aot.py", *argv]),
+              "archs": args.arch, "dtypes": args.dtype, "records": records, "problems": problems}
+    write_json(args.json, result)
+    with atomic_path(args.md) as tmp:
+        tmp.write_text(markdown(result))
+    print("\n".join(problems) or "no spills, shared memory within every limit")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
