@@ -38,7 +38,7 @@ DOC_SYMBOL = re.compile(rb"_ZN8tensorrt(\d+)([A-Za-z0-9_]+?)DocL(\d+)([A-Za-z0-9
 
 def printable_runs(data: bytes, min_len: int = 2) -> list[bytes]:
     """NUL-separated printable strings of a binary, as `strings` sees them."""
-    return [run for run in re.findall(rb"[\x20-\x7e]{%d,}" % min_len, data)]
+    return re.findall(rb"[\x20-\x7e]{%d,}" % min_len, data)
 
 
 def word_tails(name: str) -> list[str]:
@@ -53,12 +53,13 @@ def word_tails(name: str) -> list[str]:
 
 def extract(module: bytes) -> dict:
     """Names and documented class members of one compiled `tensorrt` module."""
+    runs = printable_runs(module)
     names = set()
-    for run in printable_runs(module):
+    for run in runs:
         if IDENTIFIER.fullmatch(run) and not run.startswith(b"_Z"):  # whole strings, not C++ symbols
             names.update(word_tails(run.decode()))
     members: dict[str, set[str]] = {}
-    for run in printable_runs(module):
+    for run in runs:
         for m in DOC_SYMBOL.finditer(run):
             # Itanium mangling: <len><name>; the class part is "<Class>Doc", the member part "<member>".
             cls, member = m.group(2).decode(), m.group(4)[: int(m.group(3))].decode()
