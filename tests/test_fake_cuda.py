@@ -1,0 +1,159 @@
+"""Device placement proven without a GPU (issue 14, item 2): every model family built on "cuda"
+under torch's FakeTensorMode (fake tensors need no driver, and any CPU/CUDA mix raises
+FakeTensorDeviceMismatchError) runs one step of every training stage, its normal-score pass,
+inference with each torch impl, and the runtime's torch engine.
+
+Stubbed at the boundary, where a real run reads data: the loss floats a step returns (`.item()`,
+`float()`) and the numpy a score pass returns. `backward()` is stubbed too: the autograd engine
+asks the CUDA driver for a primary context ("hasPrimaryContext expects a valid device index"),
+which a machine without a GPU cannot give, so the backward passes are not proven here. Training
+has no AMP/autocast path to check.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastad.backbones import FeatureExtractor
+from fastad.export.onnx import InferenceGraph
+from fastad.models.adtr import ADTR, ADTRConfig, ADTRTask
+from fastad.models.fod import FOD, FODConfig, FODTask
+from fastad.models.utad import UTAD, UTADConfig, UTADTask
+from fastad.runtime import TorchEngine
+
+CUDA = torch.device("cuda")
+FOD_TINY = FODConfig(d_models=(16, 32), n_heads=2, n_layers=1, crop=32, resize=32, batch_size=2, loss_queries=4)
+ADTR_TINY = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ffn_dim=64, resize=32,
+                       crop=32, batch_size=2, topk=2)
+UTAD_TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4, ex_res=1, mlp_dim=16,
+                       batch_size=2)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A context to enter after building a model on the CPU (construction reads weights, e.g. the
+    backbone's fingerprint): a FakeTensorMode, with data reads at the model's boundary stubbed."""
+
+    @contextlib.contextmanager
+    def enter():
+        monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: 0.0)
+        monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 0.0)
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: [])
+        monkeypatch.setattr(torch.Tensor, "numpy", lambda self, **k: np.zeros(self.shape, np.float32))
+        # Real CPU modules become fake CUDA ones when moved (`.to("cuda")`); a CPU tensor that
+        # reaches CUDA math is a fake CPU tensor there and raises the mismatch.
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+        monkeypatch.undo()
+
+    return enter
+
+
+def _to_fake_cuda(model: torch.nn.Module) -> torch.nn.Module:
+    """`model.to("cuda")` inside the mode, rebinding each tensor: Module.to would swap tensors in
+    place, which fails under pytest ("Cannot swap t1 because it has weakref associated with it")."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(p.to(CUDA), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(CUDA)
+    return model
+
+
+def _train_one_step_each(task, model) -> None:
+    for stage in task.stages(model, CUDA):
+        if stage.begin:
+            stage.begin()
+        gen = torch.Generator().manual_seed(0)
+        if stage.epoch_begin:
+            stage.epoch_begin(gen)
+        stage.step(torch.arange(stage.batch_size), gen, 0)
+        stage.optimizer.step()
+        stage.optimizer.zero_grad(set_to_none=True)
+        if stage.end:
+            stage.end()
+
+
+def _infer_every_impl(model, images) -> None:
+    for impl in ("reference", "lean"):
+        model.impl = impl
+        amap, score = model(images)
+        assert amap.device.type == score.device.type == "cuda"
+    # The engine's run() without a run directory, in fp32 and without InferenceGraph's cast (a
+    # cast of a fake model hits the same tensor swap as Module.to); tests/test_fp16_sigma.py runs
+    # fp16/bf16 on the CPU.
+    graph = InferenceGraph.__new__(InferenceGraph)
+    torch.nn.Module.__init__(graph)
+    graph.model, graph.dtype = model, torch.float32
+    engine = TorchEngine.__new__(TorchEngine)
+    engine.device, engine.graph = CUDA, graph
+    engine.run(np.random.rand(2, 3, model.cfg.crop, model.cfg.crop).astype(np.float32))
+
+
+def _backbone(cfg, strides):
+    return FeatureExtractor(cfg.backbone if hasattr(cfg, "backbone") else cfg.pm_backbone, strides, weights="none")
+
+
+def test_fod_on_fake_cuda(fake_cuda):
+    model = FOD(FOD_TINY, _backbone(FOD_TINY, FOD_TINY.backbone_strides()))
+    with fake_cuda():
+        _fod_steps(_to_fake_cuda(model))
+
+
+def _fod_steps(model) -> None:
+    images = torch.rand(4, 3, 32, 32, device=CUDA)
+    task = FODTask({})
+    task.model, task.device = model, CUDA
+    task.tokens = [t.cpu() for t in model.tokens(images)]  # `prepare` caches these on the CPU
+    model.fit_reference([t.to(CUDA) for t in task.tokens])
+    _train_one_step_each(task, model)
+    task.image_scores()
+    _infer_every_impl(model.eval(), images)
+
+
+def test_adtr_on_fake_cuda(fake_cuda):
+    model = ADTR(ADTR_TINY, _backbone(ADTR_TINY, ADTR_TINY.strides))
+    with fake_cuda():
+        _adtr_steps(_to_fake_cuda(model))
+
+
+def _adtr_steps(model) -> None:
+    images = torch.rand(4, 3, 32, 32, device=CUDA)
+    task = ADTRTask({})
+    task.model, task.device, task.pool = model, CUDA, None
+    task.tokens = model.tokens(images).float().cpu()
+    model.fit_normalisation(task.tokens)
+    _train_one_step_each(task, model)
+    task.image_scores()
+    _infer_every_impl(model.eval(), images)
+
+
+def test_utad_on_fake_cuda(fake_cuda):
+    model = UTAD(UTAD_TINY, _backbone(UTAD_TINY, UTAD_TINY.pm_strides))
+    with fake_cuda():
+        _utad_steps(_to_fake_cuda(model))
+
+
+def _utad_steps(model) -> None:
+    images = torch.rand(4, 3, 64, 64, device=CUDA)
+    task = UTADTask({})
+    task.model, task.device = model, CUDA
+    task.images = model.to_internal(images).cpu()
+    _train_one_step_each(task, model)
+    task.finish()
+    task.image_scores()
+    _infer_every_impl(model.eval(), images)
+
+
+def test_fake_cuda_catches_a_device_mix(fake_cuda):
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+    with fake_cuda(), pytest.raises(FakeTensorDeviceMismatchError):
+        torch.ones(3, device=CUDA) + torch.ones(3)
