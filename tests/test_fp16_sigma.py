@@ -111,3 +111,43 @@ def test_fp16_onnx_sigma_extremes(tmp_path, raw):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     amap, _ = session.run(["anomaly_map", "score"], {"images": images.numpy()})
     _assert_map_close(amap, ref, torch.float16, "onnx_map")
+
+
+@pytest.fixture(scope="module")
+def small_run(demo_data, tmp_path_factory):
+    from fastad.training.loop import train
+
+    cfg = FODConfig(d_models=(16, 32), n_heads=2, n_layers=1, crop=64, resize=64, epochs=1, batch_size=4)
+    return train(demo_data, tmp_path_factory.mktemp("runs") / "small", model="fod", config=cfg,
+                 progress=False, compile_stats=False, weights="none")
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-lean",
+                                     pytest.param("triton", marks=pytest.mark.skipif(not CAN_TRITON, reason="no CUDA/interpreter"))])
+def test_predictor_precision(small_run, demo_data, backend):
+    from fastad.runtime import Predictor
+
+    images = sorted((demo_data / "test").rglob("*.png"))[:2]
+    ref = Predictor(small_run, backend=backend, warmup=False).predict([str(p) for p in images])
+    for precision, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        p = Predictor(small_run, backend=backend, precision=precision, warmup=False)
+        assert next(p.model.parameters()).dtype == dtype
+        res = p.predict([str(im) for im in images])
+        assert np.isfinite(res.scores).all()
+        _assert_map_close(res.anomaly_maps, ref.anomaly_maps, dtype)
+
+
+def test_precision_cli_and_errors(small_run, demo_data, tmp_path, capsys):
+    from fastad.cli import main
+    from fastad.errors import FastADError
+    from fastad.runtime import Predictor
+
+    image = next((demo_data / "test").rglob("*.png"))
+    assert main(["predict", "--run", str(small_run), str(image), "--out", str(tmp_path / "out"),
+                 "--precision", "bf16"]) == 0
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"")
+    with pytest.raises(FastADError, match="precision fp16 applies to run directories"):
+        Predictor(onnx_file, precision="fp16")
+    with pytest.raises(FastADError, match="unknown precision"):
+        Predictor(small_run, precision="fp8")
