@@ -3,11 +3,14 @@ under torch's FakeTensorMode (fake tensors need no driver, and any CPU/CUDA mix 
 FakeTensorDeviceMismatchError) runs one step of every training stage, its normal-score pass,
 inference with each torch impl, and the runtime's torch engine.
 
-Stubbed at the boundary, where a real run reads data: the loss floats a step returns (`.item()`,
-`float()`) and the numpy a score pass returns. `backward()` is stubbed too: the autograd engine
-asks the CUDA driver for a primary context ("hasPrimaryContext expects a valid device index"),
-which a machine without a GPU cannot give, so the backward passes are not proven here. Training
-has no AMP/autocast path to check.
+Stubbed at the boundary, where a real run reads data: the numpy a score pass or the engine
+returns, and, in training only, the loss floats a step returns to the loop (`.item()`, `float()`)
+and the record's `.tolist()`. Inference runs with no scalar read stubbed, so a data-dependent read
+inside the model's math (`aten._local_scalar_dense`) fails it. `backward()` is stubbed too: the
+autograd engine asks the CUDA driver for a primary context ("hasPrimaryContext expects a valid
+device index"), which a machine without a GPU cannot give, so backward passes and optimiser
+steps' placement are proven only as far as the forward creates them. Training has no
+AMP/autocast path to check.
 """
 from __future__ import annotations
 
@@ -36,14 +39,11 @@ UTAD_TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """A context to enter after building a model on the CPU (construction reads weights, e.g. the
-    backbone's fingerprint): a FakeTensorMode, with data reads at the model's boundary stubbed."""
+    backbone's fingerprint): a FakeTensorMode, the numpy boundary and `backward` stubbed."""
 
     @contextlib.contextmanager
     def enter():
         monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)
-        monkeypatch.setattr(torch.Tensor, "item", lambda self: 0.0)
-        monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 0.0)
-        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: [])
         monkeypatch.setattr(torch.Tensor, "numpy", lambda self, **k: np.zeros(self.shape, np.float32))
         # Real CPU modules become fake CUDA ones when moved (`.to("cuda")`); a CPU tensor that
         # reaches CUDA math is a fake CPU tensor there and raises the mismatch.
@@ -54,17 +54,14 @@ def fake_cuda(monkeypatch):
     return enter
 
 
-def _to_fake_cuda(model: torch.nn.Module) -> torch.nn.Module:
-    """`model.to("cuda")` inside the mode, rebinding each tensor: Module.to would swap tensors in
-    place, which fails under pytest ("Cannot swap t1 because it has weakref associated with it")."""
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = torch.nn.Parameter(p.to(CUDA), requires_grad=p.requires_grad)
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = b.to(CUDA)
-    return model
+@contextlib.contextmanager
+def _loss_floats_stubbed():
+    """What a training step hands the loop (loss floats) and the training record (lists)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "item", lambda self: 0.0)
+        mp.setattr(torch.Tensor, "__float__", lambda self: 0.0)
+        mp.setattr(torch.Tensor, "tolist", lambda self: [])
+        yield
 
 
 def _train_one_step_each(task, model) -> None:
@@ -97,59 +94,45 @@ def _infer_every_impl(model, images) -> None:
     engine.run(np.random.rand(2, 3, model.cfg.crop, model.cfg.crop).astype(np.float32))
 
 
-def _backbone(cfg, strides):
-    return FeatureExtractor(cfg.backbone if hasattr(cfg, "backbone") else cfg.pm_backbone, strides, weights="none")
-
-
-def test_fod_on_fake_cuda(fake_cuda):
-    model = FOD(FOD_TINY, _backbone(FOD_TINY, FOD_TINY.backbone_strides()))
-    with fake_cuda():
-        _fod_steps(_to_fake_cuda(model))
-
-
-def _fod_steps(model) -> None:
-    images = torch.rand(4, 3, 32, 32, device=CUDA)
-    task = FODTask({})
-    task.model, task.device = model, CUDA
+# `Task.prepare` reads image files; these set the same cached inputs from fake CUDA images.
+def _cache_fod(task, model, images):
     task.tokens = [t.cpu() for t in model.tokens(images)]  # `prepare` caches these on the CPU
     model.fit_reference([t.to(CUDA) for t in task.tokens])
-    _train_one_step_each(task, model)
-    task.image_scores()
-    _infer_every_impl(model.eval(), images)
 
 
-def test_adtr_on_fake_cuda(fake_cuda):
-    model = ADTR(ADTR_TINY, _backbone(ADTR_TINY, ADTR_TINY.strides))
-    with fake_cuda():
-        _adtr_steps(_to_fake_cuda(model))
-
-
-def _adtr_steps(model) -> None:
-    images = torch.rand(4, 3, 32, 32, device=CUDA)
-    task = ADTRTask({})
-    task.model, task.device, task.pool = model, CUDA, None
+def _cache_adtr(task, model, images):
+    task.pool = None  # no anomalies: the anomaly-available step reads data (`bool(mask.any())`)
     task.tokens = model.tokens(images).float().cpu()
     model.fit_normalisation(task.tokens)
-    _train_one_step_each(task, model)
-    task.image_scores()
-    _infer_every_impl(model.eval(), images)
 
 
-def test_utad_on_fake_cuda(fake_cuda):
-    model = UTAD(UTAD_TINY, _backbone(UTAD_TINY, UTAD_TINY.pm_strides))
-    with fake_cuda():
-        _utad_steps(_to_fake_cuda(model))
-
-
-def _utad_steps(model) -> None:
-    images = torch.rand(4, 3, 64, 64, device=CUDA)
-    task = UTADTask({})
-    task.model, task.device = model, CUDA
+def _cache_utad(task, model, images):
     task.images = model.to_internal(images).cpu()
-    _train_one_step_each(task, model)
-    task.finish()
-    task.image_scores()
-    _infer_every_impl(model.eval(), images)
+
+
+# family -> (model class, tiny config, backbone name, its strides, training task, cache)
+FAMILIES = {
+    "fod": (FOD, FOD_TINY, FOD_TINY.backbone, FOD_TINY.backbone_strides(), FODTask, _cache_fod),
+    "adtr": (ADTR, ADTR_TINY, ADTR_TINY.backbone, ADTR_TINY.strides, ADTRTask, _cache_adtr),
+    "utad": (UTAD, UTAD_TINY, UTAD_TINY.pm_backbone, UTAD_TINY.pm_strides, UTADTask, _cache_utad),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_on_fake_cuda(fake_cuda, family):
+    model_class, cfg, backbone, strides, task_class, cache = FAMILIES[family]
+    model = model_class(cfg, FeatureExtractor(backbone, strides, weights="none"))
+    with fake_cuda():
+        model = model.to(CUDA)
+        images = torch.rand(4, 3, cfg.crop, cfg.crop, device=CUDA)
+        task = task_class({})
+        task.model, task.device = model, CUDA
+        cache(task, model, images)
+        with _loss_floats_stubbed():
+            _train_one_step_each(task, model)
+            task.finish()
+        task.image_scores()
+        _infer_every_impl(model.eval(), images)
 
 
 def test_fake_cuda_catches_a_device_mix(fake_cuda):
