@@ -1,7 +1,7 @@
 """Device placement proven without a GPU (issue 14, item 2): every model family built on "cuda"
 under torch's FakeTensorMode (fake tensors need no driver, and any CPU/CUDA mix raises
 FakeTensorDeviceMismatchError) runs one step of every training stage, its normal-score pass,
-inference with each torch impl, and the runtime's torch engine.
+inference with each torch impl, and the runtime's torch engine at fp32, fp16 and bf16.
 
 Stubbed at the boundary, where a real run reads data: the numpy a score pass or the engine
 returns, and, in training only, the loss floats a step returns to the loop (`.item()`, `float()`)
@@ -15,6 +15,7 @@ AMP/autocast path to check.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -83,15 +84,6 @@ def _infer_every_impl(model, images) -> None:
         model.impl = impl
         amap, score = model(images)
         assert amap.device.type == score.device.type == "cuda"
-    # The engine's run() without a run directory, in fp32 and without InferenceGraph's cast (a
-    # cast of a fake model hits the same tensor swap as Module.to); tests/test_fp16_sigma.py runs
-    # fp16/bf16 on the CPU.
-    graph = InferenceGraph.__new__(InferenceGraph)
-    torch.nn.Module.__init__(graph)
-    graph.model, graph.dtype = model, torch.float32
-    engine = TorchEngine.__new__(TorchEngine)
-    engine.device, engine.graph = CUDA, graph
-    engine.run(np.random.rand(2, 3, model.cfg.crop, model.cfg.crop).astype(np.float32))
 
 
 # `Task.prepare` reads image files; these set the same cached inputs from fake CUDA images.
@@ -122,8 +114,12 @@ FAMILIES = {
 def test_family_on_fake_cuda(fake_cuda, family):
     model_class, cfg, backbone, strides, task_class, cache = FAMILIES[family]
     model = model_class(cfg, FeatureExtractor(backbone, strides, weights="none"))
+    # The runtime's graphs at each precision, cast on the CPU: a fake tensor cannot be cast in
+    # place (Module.to swaps tensors, which a fake tensor refuses), only moved from the CPU.
+    graphs = [InferenceGraph(model, torch.float32)] + [InferenceGraph(copy.deepcopy(model), dtype)
+                                                       for dtype in (torch.float16, torch.bfloat16)]
     with fake_cuda():
-        model = model.to(CUDA)
+        model = graphs[0].to(CUDA).model
         images = torch.rand(4, 3, cfg.crop, cfg.crop, device=CUDA)
         task = task_class({})
         task.model, task.device = model, CUDA
@@ -133,6 +129,11 @@ def test_family_on_fake_cuda(fake_cuda, family):
             task.finish()
         task.image_scores()
         _infer_every_impl(model.eval(), images)
+        engine = TorchEngine.__new__(TorchEngine)  # the engine's run() without a run directory
+        engine.device = CUDA
+        for graph in graphs:
+            engine.graph = graph if graph is graphs[0] else graph.to(CUDA)
+            engine.run(np.random.rand(2, 3, cfg.crop, cfg.crop).astype(np.float32))
 
 
 def test_fake_cuda_catches_a_device_mix(fake_cuda):
