@@ -158,7 +158,7 @@ def _target_terms(sigma: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Ten
     = logsumexp_r(−(r_i − r)²/(2σ0²)) + logsumexp_c(−(c_i − c)²/(2σ1²)).
     """
     hg, wg = grid
-    inv = 0.5 / sigma.float().pow(2)
+    inv = 0.5 / sigma.float().clamp_min(SIGMA_MIN).pow(2)  # the kernel's σ, floored when called directly
     n = torch.arange(hg * wg, device=sigma.device)
     r_i, c_i = (n // wg).float(), (n % wg).float()
     rows = torch.arange(hg, device=sigma.device, dtype=torch.float32)
