@@ -7,6 +7,9 @@ chosen once when the model is built (see `fastad.ops`):
     torch-lean  memory-lean blocked torch paths (CPU, or GPUs without Triton)
     triton      fused Triton kernels (CUDA)
 
+A run directory also runs at a `precision` (PRECISIONS): the model's weights and activations in
+that dtype, the correlation statistics in fp32 (as in the fp16 ONNX export).
+
 An exported file runs through its engine: onnx (onnxruntime) or tensorrt (a serialized engine).
 """
 from __future__ import annotations
@@ -17,3 +20,6 @@ BACKENDS = RUN_BACKENDS + FILE_BACKENDS
 
 # Run-directory backend -> implementation of the hot ops (fastad.ops.IMPLS).
 IMPL_OF_BACKEND = {"torch": "reference", "torch-lean": "lean", "triton": "triton"}
+
+# Run-directory precision -> torch dtype name (fastad.runtime maps it onto torch).
+PRECISIONS = ("fp32", "fp16", "bf16")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .backends import BACKENDS
+from .backends import BACKENDS, PRECISIONS
 from .errors import FastADError
 
 log = logging.getLogger("fastad")
@@ -74,7 +74,8 @@ def cmd_eval(args) -> int:
     from .runtime import Predictor
 
     explain = _explainer(args.run) if args.intermediates else None
-    predictor = Predictor(args.run, backend=args.backend, device=args.device, warmup=False)
+    predictor = Predictor(args.run, backend=args.backend, device=args.device, warmup=False,
+                          precision=args.precision)
     exclude = [d.strip() for d in (args.exclude_defects or "").split(",") if d.strip()]
     result = evaluate_run(predictor, args.data, layout=args.layout, report=args.report,
                           overlays=args.overlays, progress=not args.quiet, exclude_defects=exclude)
@@ -137,7 +138,7 @@ def cmd_predict(args) -> int:
 
     paths = _expand_inputs(args.inputs)
     predictor = Predictor(args.run, backend=args.backend, device=args.device, threshold=args.threshold,
-                          warmup=False)
+                          warmup=False, precision=args.precision)
     res = predictor.predict([str(p) for p in paths])  # reads every image before writing anything
     out = Path(args.out)
     names = _unique_names(paths)
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="auto",
                        help=f"auto (default: triton for a run directory on CUDA, else torch; an exported file's own "
                             f"engine), {', '.join(BACKENDS)}")
+        p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="a run directory's weights/activations: fp32 (default), fp16, bf16 "
+                            "(statistics stay fp32); an exported file keeps its own")
 
     def common(p):
         p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")

@@ -23,8 +23,8 @@ from fastad.kernels import IMPLS, I2CorrOutput
 from fastad.kernels import feature_distance as _feature_distance
 from fastad.kernels import i2corr_attention as _i2corr_attention
 from fastad.kernels._impl import interpreting, triton
-from fastad.kernels.i2corr import (LOG_EPS, at_least_fp32, attn_entropy, patch_positions,  # noqa: F401
-                                   rbf_target_at, sym_kl)
+from fastad.kernels.i2corr import (LOG_EPS, SIGMA_MIN, at_least_fp32, attn_entropy,  # noqa: F401
+                                   patch_positions, rbf_target_at, safe_sigma, sym_kl)
 
 # Query rows per block of the reference I2Correlation (the graph the ONNX export was built around).
 REFERENCE_BLOCK = 256
@@ -79,4 +79,4 @@ def feature_distance(x, x_hat, *, kind: str, weight=None, impl: str) -> torch.Te
 
 __all__ = ["IMPLS", "REFERENCE_BLOCK", "check_impl", "impl_of_backend", "set_impl", "i2corr_attention",
            "feature_distance", "rbf_target_at", "sym_kl", "attn_entropy", "patch_positions",
-           "at_least_fp32", "LOG_EPS"]
+           "at_least_fp32", "safe_sigma", "LOG_EPS", "SIGMA_MIN"]

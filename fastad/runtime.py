@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import postprocess
-from .backends import BACKENDS, RUN_BACKENDS
+from .backends import BACKENDS, PRECISIONS, RUN_BACKENDS
 from .errors import FastADError
 from .postprocess import Region, default_thresholds
 from .preprocess import prepare_batch
@@ -48,27 +48,34 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 # --------------------------------------------------------------------------------------------
 # Engines: float32 (B, 3, S, S) numpy in [0, 1] -> (maps (B, S, S), scores (B,)) numpy float32
 # --------------------------------------------------------------------------------------------
+DTYPE_OF_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class TorchEngine:
     """A run directory through PyTorch with one implementation of the hot ops (fastad.backends):
     reference ops ("torch"), memory-lean blocked torch ("torch-lean") or fused Triton ("triton",
-    CUDA, or CPU under TRITON_INTERPRET=1 for tests)."""
+    CUDA, or CPU under TRITON_INTERPRET=1 for tests), at a `precision` (fastad.backends.PRECISIONS):
+    the model's weights and activations in that dtype, float32 images in and maps out, the
+    correlation statistics in fp32 — the same graph as the ONNX export's."""
 
     max_batch = None
 
-    def __init__(self, run_dir, backend: str = "torch", device: str = "auto"):
+    def __init__(self, run_dir, backend: str = "torch", device: str = "auto", precision: str = "fp32"):
+        from .export.onnx import InferenceGraph
         from .run import load_model
 
         model, conf = load_model(run_dir, device, backend)
-        self.model, self.name = model, backend
+        self.graph = InferenceGraph(model, DTYPE_OF_PRECISION[precision])  # casts the model
+        self.model, self.name, self.precision = model, backend, precision
         self.device = next(model.parameters()).device
         cfg = model.cfg
         self.meta = {"model": conf["model"], "resize": cfg.resize, "crop": cfg.crop,
-                     "thresholds": default_thresholds(conf), "source": str(run_dir)}
+                     "thresholds": default_thresholds(conf), "source": str(run_dir), "precision": precision}
 
     @torch.inference_mode()
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = self.model(torch.from_numpy(batch).to(self.device))
-        return amap.float().cpu().numpy(), score.float().cpu().numpy()
+        amap, score = self.graph(torch.from_numpy(batch).to(self.device))
+        return amap.cpu().numpy(), score.cpu().numpy()
 
 
 def _meta_from_sidecar(path: Path) -> dict:
@@ -163,20 +170,26 @@ class TensorRTEngine:
         return amap.cpu().numpy(), score.cpu().numpy()
 
 
-def open_engine(path, backend: str = "auto", device: str = "auto"):
-    """Pick the engine for `path`: a run directory (torch backends), .onnx, or .engine/.plan."""
+def open_engine(path, backend: str = "auto", device: str = "auto", precision: str = "fp32"):
+    """Pick the engine for `path`: a run directory (torch backends, at `precision`), .onnx, or
+    .engine/.plan (their precision is the file's)."""
     path = Path(path)
     if backend not in ("auto",) + BACKENDS:
         raise FastADError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise FastADError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if not path.exists():
         raise FastADError(f"{path} does not exist")
+    if not path.is_dir() and precision != "fp32":
+        raise FastADError(f"{path}: precision {precision} applies to run directories; an exported file "
+                          "runs at the precision it was exported with (fastad export --fp16)")
     if path.is_dir():
         if backend == "auto":
             backend = "triton" if device != "cpu" and torch.cuda.is_available() else "torch"
         if backend not in RUN_BACKENDS:
             raise FastADError(f"backend {backend} needs an exported file, not a run directory: "
                               f"fastad export --run {path} --format {'onnx' if backend == 'onnx' else 'engine'} --out ...")
-        return TorchEngine(path, backend, device)
+        return TorchEngine(path, backend, device, precision)
     if path.suffix == ".onnx":
         if backend not in ("auto", "onnx"):
             raise FastADError(f"{path} is an ONNX model: use backend onnx (or auto)")
@@ -211,14 +224,16 @@ class Predictor:
     threshold / pixel_threshold: override the defaults (sidecar or run config, see
     `postprocess.default_thresholds`); `calibrate()` sets both from normal images.
     batch_size: the engine sees at most this many images per call.
+    precision: fp32 (default), fp16 or bf16 for a run directory (see `TorchEngine`).
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "auto", *,
                  threshold: float | None = None, pixel_threshold: float | None = None,
-                 batch_size: int = 8, min_region_area: int = 1, warmup: bool = True):
+                 batch_size: int = 8, min_region_area: int = 1, warmup: bool = True,
+                 precision: str = "fp32"):
         if int(batch_size) < 1:
             raise FastADError(f"batch_size must be >= 1, got {batch_size}")
-        self.engine = open_engine(path, backend, device)
+        self.engine = open_engine(path, backend, device, precision)
         meta = self.engine.meta
         self.resize, self.crop = int(meta["resize"]), int(meta["crop"])
         defaults = meta.get("thresholds") or {}

@@ -37,6 +37,10 @@ import torch.nn.functional as F
 from ._impl import check_impl, interpreting, tl, triton
 
 LOG_EPS = 1e-4  # the authors' smoothing constant inside every log
+# The smallest σ of FOD's transform 3 ** (sigmoid(·) + 1e-5) − 1, as fp32 computes it (≈ 1.0986e-5).
+# fp16 rounds that expression to 0 (then 1/(2σ²) = ∞ and the target is NaN), so σ is kept in fp32
+# and floored here; fp32 never goes below it, so fp32 results do not change.
+SIGMA_MIN = float(torch.pow(3.0, torch.tensor(1e-5)) - 1)
 
 if triton is not None:
     # The same ε for the kernel: a GPU build reads only constexpr globals (the interpreter is lenient).
@@ -154,7 +158,7 @@ def _target_terms(sigma: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Ten
     = logsumexp_r(−(r_i − r)²/(2σ0²)) + logsumexp_c(−(c_i − c)²/(2σ1²)).
     """
     hg, wg = grid
-    inv = 0.5 / sigma.float().pow(2)
+    inv = 0.5 / sigma.float().clamp_min(SIGMA_MIN).pow(2)  # the kernel's σ, floored when called directly
     n = torch.arange(hg * wg, device=sigma.device)
     r_i, c_i = (n // wg).float(), (n % wg).float()
     rows = torch.arange(hg, device=sigma.device, dtype=torch.float32)
@@ -231,6 +235,11 @@ def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Correlation statistics run in fp32 (fp64 stays fp64, for reference checks)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def safe_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """σ in at least fp32 and ≥ SIGMA_MIN: finite 1/(2σ²) whatever dtype σ was computed in."""
+    return at_least_fp32(sigma).clamp_min(SIGMA_MIN)
 
 
 def patch_positions(grid: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +367,7 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     """One I2Correlation attention branch, forward only.
 
     q (B, H, N, Dh); k, v (B or 1, H, N, Dh) — intra: keys from x, inter: from the reference;
-    sigma (B, H, N, 2) already transformed, [..., 0] with the row distance, [..., 1] with the
+    sigma (B, H, N, 2) already transformed (used in fp32, floored at SIGMA_MIN), [..., 0] with the row distance, [..., 1] with the
     column distance; grid = (Hg, Wg), N = Hg·Wg, patch n at (n // Wg, n % Wg).
     -> I2CorrOutput(out (B, H, N, Dh) in q's dtype, kl (B, H, N), entropy (B, H, N), at least
     fp32); kl/entropy are None without `with_stats`.
@@ -367,6 +376,7 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     materialised).
     """
     _check_inputs(q, k, v, sigma, grid)
+    sigma = safe_sigma(sigma)
     grid = (int(grid[0]), int(grid[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = check_impl(impl, q)
@@ -382,4 +392,4 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
 
 __all__ = ["I2CorrOutput", "i2corr_attention", "i2corr_reference", "i2corr_forward_lean",
            "i2corr_forward_triton", "rbf_target_at", "sym_kl", "attn_entropy", "patch_positions",
-           "at_least_fp32", "LOG_EPS"]
+           "at_least_fp32", "safe_sigma", "LOG_EPS", "SIGMA_MIN"]

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from fastad import ops
 from fastad.backbones import FeatureExtractor
 from fastad.layers import GaussianBlur, sincos_position_code
-from fastad.ops import at_least_fp32, attn_entropy, patch_positions, rbf_target_at, sym_kl
+from fastad.ops import at_least_fp32, attn_entropy, patch_positions, rbf_target_at, safe_sigma, sym_kl
 from fastad.preprocess import prepare_images
 from fastad.training.task import Option, Stage, Task
 from fastad.utils import JSONConfig
@@ -145,8 +145,10 @@ class FODConfig(JSONConfig):
 # fastad.kernels.i2corr's, through fastad.ops)
 # --------------------------------------------------------------------------------------------
 def transform_sigma(raw: torch.Tensor) -> torch.Tensor:
-    """σ = 3 ** (sigmoid(5·raw) + 1e-5) − 1, in (≈1.1e-5, 2). The authors' constants."""
-    return torch.pow(3.0, torch.sigmoid(raw * 5) + 1e-5) - 1
+    """σ = 3 ** (sigmoid(5·raw) + 1e-5) − 1, in [SIGMA_MIN ≈ 1.1e-5, 2). The authors' constants.
+
+    Always fp32 (fp64 stays fp64): in fp16 the expression rounds to 0 once sigmoid < ~4.4e-4."""
+    return safe_sigma(torch.pow(3.0, torch.sigmoid(at_least_fp32(raw) * 5) + 1e-5) - 1)
 
 
 def correlation_stats(logits: torch.Tensor, sigma: torch.Tensor, r_i: torch.Tensor,
