@@ -75,9 +75,9 @@ def i2corr_configs(dtype: str, head_dims=HEAD_DIMS) -> list[KernelConfig]:
     fp32 only (GPU builds never upcast; that is an interpreter workaround)."""
     import torch
 
-    from .i2corr import _i2corr_fwd_kernel, default_launch
+    from .i2corr import _i2corr_fwd_kernel, gpu_launch
 
-    launch = default_launch({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    launch = gpu_launch({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
 
     tensor = "*" + dtype
     strides = [f"s{t}{a}" for t in "qkvo" for a in "bhnd"]

@@ -190,10 +190,17 @@ class LaunchConfig(NamedTuple):
 # and 64; bench/results/kernels-aot.md).
 TENSOR_CORE_LAUNCH = LaunchConfig(block_m=64, block_n=64, num_warps=4)
 IEEE_LAUNCH = LaunchConfig(block_m=64, block_n=16, num_warps=8)
+# The interpreter runs a tile as numpy arrays, so its cost is per tile: one large fixed config.
+INTERPRETER_LAUNCH = LaunchConfig(block_m=128, block_n=128, num_warps=4)
+
+
+def gpu_launch(dtype: torch.dtype) -> LaunchConfig:
+    """The launch a GPU build uses (the AOT builds record these)."""
+    return IEEE_LAUNCH if dtype == torch.float32 else TENSOR_CORE_LAUNCH
 
 
 def default_launch(dtype: torch.dtype) -> LaunchConfig:
-    return IEEE_LAUNCH if dtype == torch.float32 else TENSOR_CORE_LAUNCH
+    return INTERPRETER_LAUNCH if interpreting() else gpu_launch(dtype)
 
 
 def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
