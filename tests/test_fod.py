@@ -104,3 +104,59 @@ def test_forward_shapes_and_losses_finite():
     assert amap.shape == (3, 64, 64) and score.shape == (3,)
     assert torch.isfinite(amap).all()
     assert torch.allclose(score, amap.flatten(1).amax(1))
+
+
+def _task_with_tokens(model, n=4):
+    """An FODTask on `model` with `n` random images' tokens cached (no data directory)."""
+    from fastad.models.fod import FODTask
+
+    task = FODTask({})
+    task.model, task.device = model, torch.device("cpu")
+    with torch.no_grad():
+        images = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        task.tokens = [t.to(next(model.levels.parameters()).dtype) for t in model.tokens(images)]
+    model.fit_reference(task.tokens)
+    return task
+
+
+def test_per_level_steps_reproduce_the_authors_update():
+    """Deviation 11: two steps of `per_level_steps` equal the authors' literal sequence under
+    torch 1.13 — per level zero_grad(set_to_none=False), backward of loss1 and loss2, Adam step —
+    and differ from the default one-step-per-batch update. float64: Adam turns the rounding noise
+    of gradients that are zero in exact arithmetic (the key bias) into full-size steps in fp32."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(loss_queries=0, per_level_steps=True)
+    ours = FOD(cfg, RandomBackbone()).double()
+    literal = FOD(cfg, RandomBackbone()).double()
+    literal.load_state_dict(ours.state_dict())
+    default = FOD(tiny_cfg(loss_queries=0), RandomBackbone()).double()
+    default.load_state_dict(ours.state_dict())
+
+    task = _task_with_tokens(ours)
+    [stage] = task.stages(ours, torch.device("cpu"))
+    assert stage.steps_itself
+    batches = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    for idx in batches:
+        stage.step(idx, torch.Generator().manual_seed(0), 0)
+
+    lit_tokens = _task_with_tokens(literal).tokens
+    opt = torch.optim.Adam([p for p in literal.levels.parameters() if p.requires_grad], lr=cfg.lr)
+    for idx in batches:
+        for level, toks in zip(literal.levels, lit_tokens):
+            x = toks[idx]
+            out = fod_level_losses(x, level(x), cfg)
+            opt.zero_grad(set_to_none=False)
+            out.loss1.backward(retain_graph=True)
+            out.loss2.backward()
+            opt.step()
+
+    dtask = _task_with_tokens(default)
+    [dstage] = dtask.stages(default, torch.device("cpu"))
+    for idx in batches:
+        dstage.step(idx, torch.Generator().manual_seed(0), 0)
+        dstage.optimizer.step()
+        dstage.optimizer.zero_grad(set_to_none=True)
+
+    for (name, a), b, c in zip(ours.levels.named_parameters(), literal.levels.parameters(), default.levels.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    assert max((a - c).abs().max() for a, c in zip(ours.levels.parameters(), default.levels.parameters())) > 1e-6

@@ -39,9 +39,10 @@ Deliberate deviations (each is tested or numerically identical):
 5. The Gaussian blur runs inside the model (separable conv, scipy's `reflect` boundary and
    `truncate=4.0`) so that the exported graph produces the final map; pixel metrics are computed
    on that final (blurred) map, whereas the authors compute pixel AUROC before the blur.
-6. Optional, off by default: `loss_queries` computes the divergence/entropy losses on a random
-   subset of query rows per step (an unbiased estimate of their mean over queries) — a CPU-time
-   knob. The attention outputs and the reconstruction always use every query.
+6. On by default (`loss_queries = 256`; 0 = every row, as the authors): the divergence/entropy
+   losses are computed on a random subset of 256 query rows per step at levels with more tokens
+   (stride 8: 1,024), an unbiased estimate of their mean over queries — a CPU-time knob. The
+   attention outputs and the reconstruction always use every query.
 7. No checkpoint selection on the test set (the authors keep the best test-set epoch): the trainer
    runs a fixed schedule.
 8. Tokens are standardised per channel (mean/std of the training tokens) before both embeddings,
@@ -65,6 +66,28 @@ Deliberate deviations (each is tested or numerically identical):
    0.9691 -> 0.9743; on bottle's test set afterwards 0.9741 -> 0.9784 (docs/results.md).
    `hypercolumn=False` (CLI `--no-hypercolumn`) gives the authors' features; runs saved before
    this option existed load with it off.
+11. The update: one Adam step per batch on the summed gradients of both levels. The authors'
+   trainer (torch 1.13.1) calls zero_grad / backward / step once per level with one shared Adam;
+   torch 1.13's zero_grad keeps zero tensors, so from the second level's step on every parameter
+   also takes a zero-gradient Adam step for the other level (its momentum keeps moving it): about
+   twice the effective step. `per_level_steps=True` (CLI `--per-level-steps`) reproduces that
+   update exactly (tests/test_fod.py); its measured effect is in docs/results.md.
+
+Where the paper and the authors' code differ, fastad follows the code (the published numbers come
+from it):
+- Eq. 3, reconstruction: the paper's ℓ2 norm ‖x − x̂‖₂; the code's MSE (mean over elements) plus
+  mean(1 − cos), in training and scoring.
+- Eq. 5, the RBF target: the paper's isotropic kernel over the distance with 2(σx² + σy²); the
+  code's per-axis kernel, σ[..., 0] with row distances and σ[..., 1] with column distances.
+- Eq. 7, the divergences and entropy: the paper's sums without ε; the code's sum over keys with
+  +1e-4 inside each log, then the mean over heads.
+- The attention scale: the paper's 1/√d_model; the code's 1/√d_head (d_model / heads).
+- Resizing: the authors' `T.Resize(size, Image.ANTIALIAS)` is Lanczos; fastad resizes bilinear
+  (antialiased) for every family; measured in docs/results.md ("Resize filter").
+- The backbone: the paper's EfficientNet-B6 and the code's default wide_resnet50_2 are replaced by
+  EfficientNet-Lite0 (weights embedded in the package, so training and `make demo` run offline,
+  far fewer backbone FLOPs on a CPU line); deviation 10 compensates for its thinner stages.
+  Not measured against wide_resnet50_2 here: its weights are not available offline.
 """
 from __future__ import annotations
 
@@ -123,6 +146,9 @@ class FODConfig(JSONConfig):
     # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
     # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
     hypercolumn: bool = True
+    # The authors' update (deviation 11): per level zero_grad (keeping zero tensors), backward
+    # and an Adam step, instead of one step per batch on the summed gradients.
+    per_level_steps: bool = False
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -505,6 +531,9 @@ TRAIN_OPTIONS = (
     Option("hypercolumn", "--no-hypercolumn",
            dict(action="store_false", default=None,
                 help="the authors' features: each level's own backbone stage only (deviation 10)")),
+    Option("per_level_steps", "--per-level-steps",
+           dict(action="store_true", default=None,
+                help="the authors' update: one Adam step per level, zero gradients kept (deviation 11)")),
     # Python API only: torch.compile the KL/entropy statistics (default on unless FASTAD_COMPILE=0);
     # ~3x faster CPU steps after ~20 s of compiling.
     Option("compile_stats", None),
@@ -540,24 +569,53 @@ class FODTask(Task):
         params = [p for p in model.levels.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.lr)
 
-        def step(idx, gen, _):
+        def level_losses(li, idx, gen):
+            x = self.tokens[li][idx].to(device, non_blocking=True)
+            rows = None
+            if cfg.loss_queries and cfg.loss_queries < x.shape[1]:  # deviation 6
+                rows = torch.randperm(x.shape[1], generator=gen)[:cfg.loss_queries].to(device)
+            return fod_level_losses(x, model.levels[li](x, rows), cfg)
+
+        def record(li, out):
+            return {f"l{li}_{k}": getattr(out, k).item() for k in ("loss1", "loss2", "rec")}
+
+        def step(idx, gen, _):  # one Adam step on the sum of the levels' gradients
             losses = {}
-            for li, (level, toks) in enumerate(zip(model.levels, self.tokens)):
-                x = toks[idx].to(device, non_blocking=True)
-                rows = None
-                if cfg.loss_queries and cfg.loss_queries < x.shape[1]:  # deviation 6
-                    rows = torch.randperm(x.shape[1], generator=gen)[:cfg.loss_queries].to(device)
-                out = fod_level_losses(x, level(x, rows), cfg)
+            for li in range(len(model.levels)):
+                out = level_losses(li, idx, gen)
                 out.total.backward()  # per level: frees its graph before the next level
-                losses |= {f"l{li}_{k}": getattr(out, k).item() for k in ("loss1", "loss2", "rec")}
+                losses |= record(li, out)
             return losses
 
+        def authors_step(idx, gen, _):
+            """The authors' trainer under torch 1.13: for each level zero_grad() — which kept
+            zero tensors — backward, step. Every parameter that ever had a gradient then takes
+            one Adam step per level, the other levels' with a zero gradient (momentum moves it)."""
+            if self.fill_zero_grads:  # resumed mid-run: the grads the uninterrupted run would hold
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self.fill_zero_grads = False
+            losses = {}
+            for li in range(len(model.levels)):
+                out = level_losses(li, idx, gen)
+                opt.zero_grad(set_to_none=False)
+                out.total.backward()
+                opt.step()
+                losses |= record(li, out)
+            return losses
+
+        self.fill_zero_grads = False
+        if cfg.per_level_steps:
+            return [Stage("train", cfg.epochs, opt, authors_step, len(self.tokens[0]), cfg.batch_size,
+                          steps_itself=True)]
         return [Stage("train", cfg.epochs, opt, step, len(self.tokens[0]), cfg.batch_size)]
 
     def checkpoint_state(self) -> dict:
         return {"reference_fingerprint": self._reference_digest()}
 
     def resumed(self, record: dict) -> None:
+        self.fill_zero_grads = any(record.get("epochs_done", {}).values())
         if record.get("reference_fingerprint") != self._reference_digest():
             log.warning(
                 "training images changed since the checkpoint: reference features recomputed")

@@ -170,8 +170,9 @@ def _run_epoch(stage: Stage, epoch: int, seed: int, progress: bool, multi: bool)
             sums[k] = sums.get(k, 0.0) + v
         if not all(math.isfinite(v) for v in sums.values()):
             raise FastADError(f"{stage.name} diverged at epoch {epoch + 1} step {step + 1} (non-finite loss)")
-        stage.optimizer.step()
-        stage.optimizer.zero_grad(set_to_none=True)
+        if not stage.steps_itself:
+            stage.optimizer.step()
+            stage.optimizer.zero_grad(set_to_none=True)
         first = next(iter(sums))
         bar.set_postfix({first: f"{sums[first] / (step + 1):.4f}"})
     bar.close()

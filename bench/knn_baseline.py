@@ -1,0 +1,234 @@
+"""A training-free nearest-neighbour baseline over a family's own features: what every trained
+family must beat.
+
+For family F (its defaults, or the config of a run): the memory bank holds every patch of every
+feature level of F's features on the normal training images (full bank, no coreset); a test patch
+scores its L2 distance to the nearest bank patch (k = 1, PatchCore without subsampling); the
+per-level patch scores then go through F's own upsampling, level combination and blur, and the
+image score is F's own. Only the learned part of F is replaced, so "trained F minus this
+baseline" is what F's training adds.
+
+    python bench/knn_baseline.py --model fod --data ../shared/data/mvtec_ad/bottle
+    python bench/knn_baseline.py --run runs/bottle --data ../shared/data/mvtec_ad/bottle --compare
+    python bench/knn_baseline.py --model fod --data ../shared/data/piped/PA_BDP01_TL --validation
+
+`--validation`: no test images — every 4th normal training image is held out of the bank and
+scored with three synthetic-defect copies of each (fastad.data.synthetic), as
+bench/fod_level_validation.py builds its set. `--compare` (with `--run`) scores the run's trained
+model on the same images. `--resample lanczos` resizes with PIL's Lanczos filter instead of the
+default bilinear one (the FOD authors' `ANTIALIAS`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastad import registry
+from fastad.data.layouts import list_samples
+from fastad.data.synthetic import synthesise
+from fastad.errors import FastADError
+from fastad.metrics import evaluate
+from fastad.preprocess import image_to_tensor, load_image, load_mask, mask_to_tensor
+from fastad.run import load_model
+
+RESAMPLE = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
+
+
+# --------------------------------------------------------------------------------------------
+# Each family's features and scoring, with its learned part left out
+# --------------------------------------------------------------------------------------------
+class FeatureView(NamedTuple):
+    # images (B, 3, S, S) in [0, 1] -> per-level patch features [(B, N_l, C_l)]
+    features: Callable[[torch.Tensor], list[torch.Tensor]]
+    # per-level patch scores [(B, N_l)] -> (anomaly map (B, S, S), image score (B,))
+    score: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+    # normalise each level's distances by their mean on held-out normal images (F sums levels)
+    normalise_levels: bool = False
+
+
+def _fod_view(model) -> FeatureView:
+    def score(levels):
+        amap = model.anomaly_map(levels)  # upsample, geometric mean of levels, blur
+        return amap, amap.flatten(1).amax(1)
+    return FeatureView(model.tokens, score)
+
+
+def _adtr_view(model) -> FeatureView:
+    def score(levels):
+        amap = model.anomaly_map(levels[0])  # upsample, blur
+        return amap, model.image_score(amap)
+    return FeatureView(lambda images: [model.tokens(images)], score)
+
+
+def _utad_view(model) -> FeatureView:
+    """UTAD's perceptual measurement on the image itself: its PM network's levels, upsampled
+    (align_corners=True) and summed after per-level normalisation by normal images, then blurred."""
+    cfg = model.cfg
+
+    def features(images):
+        return [f.flatten(2).transpose(1, 2) for f in model.backbone(model.to_internal(images))]
+
+    def score(levels):
+        size = (cfg.crop, cfg.crop)
+        amap = sum(F.interpolate(d.view(len(d), 1, cfg.size // s, cfg.size // s), size=size, mode="bilinear",
+                                 align_corners=True)[:, 0] for d, s in zip(levels, cfg.pm_strides))
+        amap = model.blur(amap)
+        return amap, amap.flatten(1).amax(1)
+    return FeatureView(features, score, normalise_levels=True)
+
+
+VIEWS: dict[str, Callable] = {"fod": _fod_view, "adtr": _adtr_view, "utad": _utad_view}
+
+
+def feature_view(model) -> FeatureView:
+    if model.family not in VIEWS:
+        raise FastADError(f"no nearest-neighbour view for family {model.family!r}: add one to bench/knn_baseline.py")
+    return VIEWS[model.family](model)
+
+
+# --------------------------------------------------------------------------------------------
+# The memory bank and the search
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def level_features(view: FeatureView, images: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """-> per level (n, N_l, C_l) float32."""
+    parts = [view.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return [torch.cat(level).float() for level in zip(*parts)]
+
+
+@torch.no_grad()
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+    """L2 distance of each query (Q, C) to its nearest row of `bank` (M, C) -> (Q,)."""
+    best = torch.full((len(queries),), float("inf"))
+    for i in range(0, len(bank), chunk):
+        best = torch.minimum(best, torch.cdist(queries, bank[i:i + chunk]).amin(1))
+    return best
+
+
+@torch.no_grad()
+def knn_scores(view: FeatureView, train: torch.Tensor, images: torch.Tensor,
+               calibration: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bank from `train` images, score `images` -> (maps (n, S, S), scores (n,)). With
+    `view.normalise_levels`, each level is divided by its mean distance on `calibration` (normal
+    images not in the bank)."""
+    banks = [f.flatten(0, 1) for f in level_features(view, train)]
+    feats = level_features(view, images)
+    dists = [nearest_distance(f.flatten(0, 1), bank).view(f.shape[:2]) for f, bank in zip(feats, banks)]
+    if view.normalise_levels:
+        if calibration is None:
+            raise ValueError("this family sums levels: pass normal calibration images")
+        cal = level_features(view, calibration)
+        means = [nearest_distance(f.flatten(0, 1), bank).mean().clamp_min(1e-8) for f, bank in zip(cal, banks)]
+        dists = [d / m for d, m in zip(dists, means)]
+    maps, scores = zip(*(view.score([d[i:i + 16] for d in dists]) for i in range(0, len(images), 16)))
+    return torch.cat(maps), torch.cat(scores)
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the test split, or a validation set built from training images only
+# --------------------------------------------------------------------------------------------
+def _load(paths, resize, crop, resample) -> torch.Tensor:
+    return torch.stack([image_to_tensor(load_image(p), resize, crop, resample=resample) for p in paths])
+
+
+def test_split(data, layout, resize, crop, resample):
+    """-> train images, test images, test masks (n, S, S) bool, labels, defects."""
+    train = _load([s.path for s in list_samples(data, "train", layout=layout)], resize, crop, resample)
+    samples = list_samples(data, "test", layout=layout)
+    images = _load([s.path for s in samples], resize, crop, resample)
+    masks = torch.stack([
+        mask_to_tensor(load_mask(s.mask_path), resize, crop)[0] if s.mask_path
+        else torch.zeros(crop, crop) for s in samples]) > 0.5
+    return train, images, masks, np.array([s.label for s in samples]), [s.defect for s in samples]
+
+
+def validation_split(data, layout, resize, crop, resample, every: int = 4):
+    """Every `every`-th training image held out, plus three synthetic-defect copies of each."""
+    train = _load([s.path for s in list_samples(data, "train", layout=layout)], resize, crop, resample)
+    held = torch.zeros(len(train), dtype=torch.bool)
+    held[::every] = True
+    clean = train[held]
+    parts = [(clean, torch.zeros(len(clean), crop, crop, dtype=torch.bool))]
+    for i, kind in enumerate(("perlin", "cutpaste", "confetti")):
+        img, mask = synthesise(clean, kind, len(clean), seed=100 + i)
+        parts.append((img, mask > 0.5))
+    images = torch.cat([p[0] for p in parts])
+    masks = torch.cat([p[1] for p in parts])
+    labels = np.r_[np.zeros(len(clean)), np.ones(len(images) - len(clean))].astype(int)
+    defects = ["good"] * len(clean) + [k for k in ("perlin", "cutpaste", "confetti") for _ in range(len(clean))]
+    return train[~held], images, masks, labels, defects
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def untrained(family_name: str):
+    """A family's model with its default config and frozen backbone; nothing trained."""
+    family = registry.get(family_name)
+    task = family.task({})
+    cfg = task.default_config()
+    return family.build(cfg, task.backbone(cfg, None)).eval()
+
+
+def summary(result: dict) -> dict:
+    return {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="family with its default config (no run needed)")
+    src.add_argument("--run", help="use this run's family and config")
+    p.add_argument("--data", required=True)
+    p.add_argument("--layout", default=None)
+    p.add_argument("--validation", action="store_true", help="held-out training images + synthetic defects")
+    p.add_argument("--compare", action="store_true", help="also score the --run's trained model")
+    p.add_argument("--resample", choices=sorted(RESAMPLE), default="bilinear")
+    p.add_argument("--report", help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+    try:
+        if args.compare and not args.run:
+            raise FastADError("--compare needs --run")
+        model = load_model(args.run, device="cpu")[0].eval() if args.run else untrained(args.model)
+        cfg = model.cfg
+        split = validation_split if args.validation else test_split
+        train, images, masks, labels, defects = split(args.data, args.layout, cfg.resize, cfg.crop,
+                                                      RESAMPLE[args.resample])
+    except FastADError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    view = feature_view(model)
+    bank, calibration = train, None
+    if view.normalise_levels:  # the calibration images stay out of the bank
+        held = torch.zeros(len(train), dtype=torch.bool)
+        held[::8] = True
+        bank, calibration = train[~held], train[held]
+    maps, scores = knn_scores(view, bank, images, calibration)
+    rows = {"knn": summary(evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), defects=defects))}
+    if args.compare:
+        with torch.no_grad():
+            out = [model(images[i:i + 8]) for i in range(0, len(images), 8)]
+        rows["model"] = summary(evaluate(labels, torch.cat([o[1] for o in out]).numpy(), masks.numpy(),
+                                         torch.cat([o[0] for o in out]).numpy(), defects=defects))
+    what = "validation (held-out training images + synthetic defects)" if args.validation else "test split"
+    print(f"{model.family} features, {args.data}, {what}, resample {args.resample}: "
+          f"{len(bank)} bank images, {len(images)} scored")
+    for name, r in rows.items():
+        print(f"  {name:6s} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+              f"AUPRO {r['aupro']:.4f}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"family": model.family, "data": args.data, "validation": args.validation,
+                       "resample": args.resample, **rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
