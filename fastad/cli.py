@@ -276,6 +276,17 @@ def cmd_bench(args) -> int:
     for path in (args.json, args.md, args.png):
         if path and Path(path).is_dir():
             raise FastADError(f"{path} is a directory")
+    if args.server:
+        from .benchmark import run_server_bench
+
+        result = run_server_bench(args.server, args.concurrency, run=args.run, data=args.data, per_thread=args.rounds,
+                                  max_seconds=args.max_seconds, device=args.device, model=args.model,
+                                  command="fastad " + " ".join(args.argv))
+        write_outputs(result, args.json, args.md, args.png)
+        print(markdown_table(result), end="")
+        return 0
+    if args.run is None:
+        raise FastADError("give --run (a run directory), or --server URL to benchmark a Triton server")
     result = run_bench(args.run, _csv_list(args.backend), args.batch, device=args.device, data=args.data,
                        rounds=args.rounds, max_seconds=args.max_seconds, onnx=args.onnx, engine=args.engine,
                        command="fastad " + " ".join(args.argv))
@@ -418,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=32, help="largest batch to size tensors at")
     p.set_defaults(func=cmd_check, quiet=False)
 
-    p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes")
-    p.add_argument("--run", required=True, help="run directory written by fastad train")
+    p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes, or of a Triton server")
+    p.add_argument("--run", help="run directory written by fastad train; with --server: what to run in-process beside it "
+                   "(a run directory or the repository's model.onnx)")
     p.add_argument("--backend", default="torch,onnx", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--json", help="write the JSON result here")
@@ -430,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=_positive_float, default=60.0, help="time budget per batch size (default 60)")
     p.add_argument("--onnx", help="use this .onnx instead of exporting the run")
     p.add_argument("--engine", help="use this TensorRT engine instead of building one")
+    g = p.add_argument_group("a Triton server (fastad serve)")
+    g.add_argument("--server", help="benchmark this server: http://HOST:PORT or grpc://HOST:PORT")
+    g.add_argument("--model", help="the pipeline model's name (default: the server's one fastad pipeline model)")
+    g.add_argument("--concurrency", type=_csv_ints, default=[1, 4, 16],
+                   help="comma-separated numbers of client threads (default 1,4,16); --rounds: requests per thread")
     common(p)
     p.set_defaults(func=cmd_bench)
 
