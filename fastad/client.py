@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .errors import FastADError
+from .results import Result
 from .serving import (PIPELINE_INPUT, PIPELINE_OUTPUTS, ROLE_PIPELINE, decode_mask, decode_regions,
                       encode_image)
 
@@ -109,9 +110,7 @@ class Client:
 
     def predict(self, images):
         """Images (a path, image-file bytes, PIL image or uint8 array, or a list of these) -> the
-        `fastad.runtime.Result` that `fastad.Predictor.predict` returns for them."""
-        from .runtime import Result
-
+        `fastad.results.Result` that `fastad.Predictor.predict` returns for them."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise FastADError("no images given: the list is empty")

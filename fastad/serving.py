@@ -90,7 +90,7 @@ def encode_regions(regions) -> bytes:
 
 
 def decode_regions(data: bytes) -> list:
-    from .postprocess import Region
+    from .results import Region
 
     return [Region(tuple(r["bbox"]), r["area"], r["peak_score"], tuple(r["peak_xy"]), r["mean_score"])
             for r in json.loads(data)]
