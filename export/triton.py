@@ -130,16 +130,6 @@ def config_text(config) -> str:
     return text_format.MessageToString(config)
 
 
-def read_config(path: str | os.PathLike):
-    """Parse a config.pbtxt with Triton's ModelConfig schema; FastADError naming the problem."""
-    from google.protobuf import text_format
-
-    try:
-        return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
-    except (OSError, text_format.ParseError) as e:
-        raise FastADError(f"{path}: not a valid Triton model config: {e}") from None
-
-
 # --------------------------------------------------------------------------------------------
 # The repository
 # --------------------------------------------------------------------------------------------
@@ -204,5 +194,5 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_triton", "network_config", "pipeline_config", "read_config", "config_text", "model_name_of",
+__all__ = ["export_triton", "network_config", "pipeline_config", "config_text", "model_name_of",
            "ENGINES", "INSTANCE_KINDS"]

@@ -177,10 +177,20 @@ def server_environment() -> dict:
     return env
 
 
+def read_config(path: str | os.PathLike):
+    """Parse a config.pbtxt with Triton's ModelConfig schema (tritonclient's generated bindings);
+    FastADError naming the problem."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise FastADError(f"{path}: not a valid Triton model config: {e}") from None
+
+
 def repository_models(repo: Path) -> dict[str, object]:
     """Model name -> parsed ModelConfig, for every model folder of the repository."""
-    from fastad.export.triton import read_config
-
     return {d.name: read_config(d / "config.pbtxt") for d in sorted(repo.iterdir())
             if d.is_dir() and not d.name.startswith(".") and (d / "config.pbtxt").is_file()}
 

@@ -24,9 +24,9 @@ from tritonclient.grpc import model_config_pb2
 
 import fastad
 from fastad.errors import FastADError
-from fastad.export.triton import export_triton, read_config
+from fastad.export.triton import export_triton
 from fastad.runtime import Predictor
-from fastad.serving import TritonServer
+from fastad.serving import TritonServer, read_config
 from fastad.triton_pipeline import Pipeline
 
 from .test_cli import assert_user_error, run_cli
