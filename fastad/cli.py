@@ -233,6 +233,7 @@ def cmd_serve(args) -> int:
                 print(f"  gRPC     {server.grpc_url}")
                 print(f"  metrics  {server.metrics_url}")
                 print(f"  models   {', '.join(server.models)}")
+                print(f"  pid      {server.process.pid} (a process group of its own)")
                 for name, why in server.skipped.items():
                     print(f"  not loaded: {name} ({why})")
                 print("Ctrl-C stops it.", flush=True)

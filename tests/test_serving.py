@@ -302,3 +302,57 @@ def test_cli_bench_server(server, repo, tmp_path, capsys):
     assert all(r["throughput_img_s"] > 0 and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"] for r in result["records"])
     assert "| server (grpc) | 2 | 4 |" in printed and Path(f"{out}.md").read_text() == printed
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_and_client_bad_input(repo, tmp_path, capsys):
+    from fastad.serving import free_port
+
+    code, _, err = run_cli(capsys, "serve")
+    assert_user_error(code, err, "give one of --repo")
+    code, _, err = run_cli(capsys, "serve", "--repo", tmp_path / "missing")
+    assert_user_error(code, err, "no such model repository")
+    code, _, err = run_cli(capsys, "serve", "--repo", repo, "--models", "nope")
+    assert_user_error(code, err, "has no model nope")
+    code, _, err = run_cli(capsys, "serve", "--repo", repo, "--models", "tiny")
+    assert_user_error(code, err, "no onnxruntime backend")
+    with pytest.raises(FastADError, match="expected http://HOST:PORT"):
+        fastad.Client("ftp://127.0.0.1:1")
+    for scheme in ("http", "grpc"):
+        with pytest.raises(FastADError, match="at " + scheme):
+            fastad.Client(f"{scheme}://127.0.0.1:{free_port()}", model="tiny_pipeline", timeout=5)
+
+
+@pytest.mark.slow
+def test_cli_serve_prints_addresses_and_stops_on_sigterm(repo, demo_data):
+    """`fastad serve` as line software starts it: the addresses it prints answer, SIGTERM stops
+    it with status 0 and no process of its group is left."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fastad.cli", "serve", "--repo", str(repo), "--http-port", "0",
+                             "--grpc-port", "0", "--metrics-port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any("Ctrl-C" in ln for ln in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        printed = "".join(lines)
+        assert "Ctrl-C stops it." in printed, printed
+        urls = {ln.split()[0]: ln.split()[1] for ln in lines if ln.startswith("  ") and "://" in ln}
+        server_pgid = int(next(ln.split()[1] for ln in lines if ln.startswith("  pid ")))
+        assert set(urls) == {"HTTP", "gRPC", "metrics"} and all("//127.0.0.1:" in u for u in urls.values())
+        assert "not loaded: tiny (this tritonserver has no onnxruntime backend)" in printed
+        assert fastad.Client(urls["gRPC"]).predict(_images(demo_data)[0]).scores.shape == (1,)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert not _group_alive(proc.pid) and not _group_alive(server_pgid)
