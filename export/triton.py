@@ -139,9 +139,6 @@ def export_triton(run_dir: str | os.PathLike, repo: str | os.PathLike, *, engine
                   min_region_area: int = 1) -> dict:
     """Write the network and pipeline models of `run_dir` into the Triton repository `repo`.
     -> {"network": name, "pipeline": name + "_pipeline", "repository": repo, "sidecar": dict}."""
-    from .onnx import export_onnx
-    from .tensorrt import export_engine
-
     if model_config_pb2 is None:
         raise FastADError("tritonclient is not installed: pip install 'tritonclient[grpc,http]' (requirements.txt has it)")
     if engine not in ENGINES:
@@ -159,7 +156,22 @@ def export_triton(run_dir: str | os.PathLike, repo: str | os.PathLike, *, engine
         raise FastADError(f"{repo} exists and is not a directory (a Triton model repository is one)")
     if not Path(run_dir).is_dir():
         raise FastADError(f"--run {run_dir}: not a run directory")
+    created = not repo.exists()
     repo.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_models(run_dir, repo, name, engine, max_batch, fp16, min_region_area,
+                             dict(instance_kind=instance_kind, instances=instances, max_queue_delay_us=max_queue_delay_us))
+    except BaseException:
+        if created:
+            shutil.rmtree(repo, ignore_errors=True)
+        raise
+
+
+def _write_models(run_dir, repo: Path, name: str, engine: str, max_batch: int, fp16: bool, min_region_area: int,
+                  kw: dict) -> dict:
+    from .onnx import export_onnx
+    from .tensorrt import export_engine
+
     pipeline = name + PIPELINE_SUFFIX
     network_file = f"{name}/1/{FILE_OF_ENGINE[engine]}"
     with tempfile.TemporaryDirectory(prefix=".fastad-export-", dir=repo) as tmp:
@@ -172,7 +184,6 @@ def export_triton(run_dir: str | os.PathLike, repo: str | os.PathLike, *, engine
             export_engine(run_dir, artifact, fp16=fp16, min_batch=1, opt_batch=min(8, max_batch), max_batch=max_batch)
         side = read_sidecar(artifact)
         crop = int(side["input"]["crop"])
-        kw = dict(instance_kind=instance_kind, instances=instances, max_queue_delay_us=max_queue_delay_us)
         (staged / name / "config.pbtxt").write_text(config_text(network_config(name, engine, crop, max_batch, **kw)))
         (staged / pipeline / "1").mkdir(parents=True)
         (staged / pipeline / "1" / "model.py").write_text(PIPELINE_FILE)
