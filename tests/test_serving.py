@@ -292,15 +292,15 @@ def test_cli_bench_server(server, repo, tmp_path, capsys):
 
     out = tmp_path / "b"
     code, printed, err = run_cli(capsys, "bench", "--server", server.grpc_url, "--run", repo / "tiny" / "1" / "model.onnx",
-                                 "--concurrency", "1,2", "--rounds", "2", "--device", "cpu",
+                                 "--concurrency", "1,2", "--rounds", "1", "--device", "cpu",
                                  "--json", f"{out}.json", "--md", f"{out}.md", "--png", f"{out}.png")
     assert code == 0, err
     result = json.loads(Path(f"{out}.json").read_text())
     rows = [(r["backend"], r["concurrency"], r["iterations"]) for r in result["records"]]
-    assert rows == [("server (grpc)", 1, 2), ("in-process (onnx)", 1, 2), ("server (grpc)", 2, 4),
-                    ("in-process (onnx)", 2, 4)]
+    assert rows == [("server (grpc)", 1, 1), ("in-process (onnx)", 1, 1), ("server (grpc)", 2, 2),
+                    ("in-process (onnx)", 2, 2)]
     assert all(r["throughput_img_s"] > 0 and r["latency_ms"]["p99"] >= r["latency_ms"]["p50"] for r in result["records"])
-    assert "| server (grpc) | 2 | 4 |" in printed and Path(f"{out}.md").read_text() == printed
+    assert "| server (grpc) | 2 | 2 |" in printed and Path(f"{out}.md").read_text() == printed
     assert Path(f"{out}.png").read_bytes()[:4] == b"\x89PNG"
 
 
