@@ -356,3 +356,23 @@ def test_cli_serve_prints_addresses_and_stops_on_sigterm(repo, demo_data):
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(0.5)
     assert not _group_alive(proc.pid) and not _group_alive(server_pgid)
+
+
+def test_decode_image_reads_bytes_as_load_image_reads_files(tmp_path):
+    """The pipeline decodes request bytes with the rules `load_image` applies to files (here a
+    16-bit TIFF with 12-bit content, a palette PNG and a JPEG); garbage is one error line."""
+    import tifffile
+
+    from fastad.preprocess import decode_image, load_image
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "deep.tif", rng.integers(0, 4096, (20, 30, 3), dtype=np.uint16))
+    Image.fromarray(rng.integers(0, 255, (12, 9), dtype=np.uint8)).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    for name in ("deep.tif", "pal.png", "a.jpg"):
+        from_file = np.asarray(load_image(tmp_path / name))
+        assert np.array_equal(np.asarray(decode_image((tmp_path / name).read_bytes())), from_file), name
+    with pytest.raises(FastADError, match="cannot read image 3 of the request"):
+        decode_image(b"GIF89a-not-really", "image 3 of the request")
+    with pytest.raises(FastADError, match="no bytes"):
+        decode_image(b"")
