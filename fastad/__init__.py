@@ -25,7 +25,11 @@ def __getattr__(name):
         from .runtime import Predictor
 
         return Predictor
+    if name == "Client":
+        from .client import Client
+
+        return Client
     raise AttributeError(f"module 'fastad' has no attribute {name!r}")
 
 
-__all__ = ["FastADError", "Predictor", "load", "train", "__version__"]
+__all__ = ["Client", "FastADError", "Predictor", "load", "train", "__version__"]

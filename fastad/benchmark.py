@@ -13,6 +13,16 @@ alike: compare ratios within one run; absolute times only from a GPU.
 
 onnx / tensorrt need files: `--onnx FILE` / `--engine FILE`, or they are exported from the run
 into a temporary directory first (TensorRT: needs TensorRT).
+
+Against a Triton server (`fastad serve`):
+
+    fastad bench --server http://127.0.0.1:8000 [--run REPO/NAME/1/model.onnx] --concurrency 1,4,16
+
+times whole predictions the way line software makes them: C client threads, each sending one
+encoded image per request (`fastad.Client.predict`), latency per request and images/s over all
+threads, for each concurrency C — and beside it, with `--run`, the same threads sharing one
+in-process `fastad.Predictor` on the same image files (decoding included on both sides). Give
+the repository's own network file as `--run` to compare the same engine.
 """
 from __future__ import annotations
 
@@ -181,7 +191,114 @@ def run_bench(run_dir: str, backends: list[str], batches: list[int], *, device: 
             "records": records}
 
 
+def _encoded_inputs(data: str | None, size: int, n: int, seed: int = 0) -> list[bytes]:
+    """n image files: a dataset's test images as stored (cycled), else seeded noise as PNG."""
+    import io
+
+    from PIL import Image
+
+    if data is not None:
+        from .data.layouts import list_samples
+
+        files = [Path(s.path).read_bytes() for s in list_samples(data, split="test")][:n]
+        return (files * (n // len(files) + 1))[:n]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _timed_threads(predict_one, images: list[bytes], concurrency: int, per_thread: int | None,
+                   max_seconds: float) -> tuple[list[float], float]:
+    """`concurrency` threads each calling predict_one(image) in turn -> (latencies s, wall s)."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def worker(k: int) -> None:
+        n = 0
+        while True:
+            if per_thread is not None and n >= per_thread:
+                return
+            if per_thread is None and n >= 3 and time.perf_counter() - start > max_seconds:
+                return
+            t0 = time.perf_counter()
+            try:
+                predict_one(images[(k + n * concurrency) % len(images)])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(e)
+                return
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+            n += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return latencies, time.perf_counter() - start
+
+
+def run_server_bench(server: str, concurrency: list[int], *, run: str | None = None, data: str | None = None,
+                     per_thread: int | None = None, max_seconds: float = 60.0, device: str = "auto",
+                     model: str | None = None, command: str | None = None) -> dict:
+    """Measure a Triton server (fastad.Client) and, with `run`, an in-process Predictor at each
+    concurrency; -> the JSON-ready result dict (records keyed by "concurrency")."""
+    from .client import Client
+    from .preprocess import decode_image
+
+    if not concurrency or min(concurrency) < 1:
+        raise FastADError(f"concurrency levels must be >= 1, got {concurrency}")
+    client = Client(server, model)
+    backends = {f"server ({client.protocol})": client.predict}
+    local = None
+    if run is not None:
+        local = Predictor(run, device=device, batch_size=1)
+        backends[f"in-process ({local.backend})"] = lambda data_: local.predict(decode_image(data_))
+    images = _encoded_inputs(data, client.image_size or 256, 64)
+    records = []
+    for c in concurrency:
+        for name, predict_one in backends.items():
+            predict_one(images[0])  # warm-up (a new connection for the client)
+            lat, wall = _timed_threads(predict_one, images, c, per_thread, max_seconds)
+            ms = np.array(lat) * 1e3
+            records.append({
+                "backend": name, "concurrency": c, "batch": 1, "iterations": len(ms),
+                "device": str(local.engine.device) if name.startswith("in-process") else f"server {server}",
+                "latency_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+                               "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean())},
+                "throughput_img_s": float(len(ms) / wall),
+            })
+    stats = client.statistics()
+    return {"device": device_name("cpu" if local is None else str(local.engine.device)), "versions": library_versions(),
+            "command": command or " ".join(sys.argv), "run": run, "server": server, "model": client.model,
+            "x": "concurrency",
+            "inputs": f"test images of {data}" if data else "seeded uniform noise, PNG",
+            "server_statistics": stats, "records": records}
+
+
 def markdown_table(result: dict) -> str:
+    if result.get("x") == "concurrency":
+        lines = [f"Device: {result['device']}  ", f"Command: `{result['command']}`", "",
+                 "| backend | concurrency | requests | p50 ms | p90 ms | p99 ms | img/s |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in result["records"]:
+            lat = r["latency_ms"]
+            lines.append(f"| {r['backend']} | {r['concurrency']} | {r['iterations']} | {lat['p50']:.1f} | "
+                         f"{lat['p90']:.1f} | {lat['p99']:.1f} | {r['throughput_img_s']:.2f} |")
+        batches = result.get("server_statistics", {}).get("batches")
+        if batches:
+            lines += ["", "Server executions by batch size: " +
+                      ", ".join(f"{size}: {n}" for size, n in sorted(batches.items()))]
+        return "\n".join(lines) + "\n"
+
     lines = [f"Device: {result['device']}  ", f"Command: `{result['command']}`", "",
              "| backend | batch | p50 ms | p90 ms | p99 ms | img/s | × torch | peak mem MB | max Δ map | max Δ score |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -201,15 +318,18 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = result.get("x", "batch")
     backends = list(dict.fromkeys(r["backend"] for r in result["records"]))
     for b in backends:
         rs = [r for r in result["records"] if r["backend"] == b]
-        batches = [r["batch"] for r in rs]
-        ax1.plot(batches, [r["throughput_img_s"] for r in rs], marker="o", label=b)
-        ax2.plot(batches, [r["latency_ms"]["p50"] for r in rs], marker="o", label=b)
-    for ax, title in ((ax1, "throughput (images/s)"), (ax2, "latency p50 (ms)")):
+        xs = [r[x] for r in rs]
+        ax1.plot(xs, [r["throughput_img_s"] for r in rs], marker="o", label=b)
+        ax2.plot(xs, [r["latency_ms"]["p50"] for r in rs], marker="o", label=f"{b} p50")
+        if x == "concurrency":
+            ax2.plot(xs, [r["latency_ms"]["p99"] for r in rs], marker="x", linestyle="--", label=f"{b} p99")
+    for ax, title in ((ax1, "throughput (images/s)"), (ax2, "latency (ms)" if x == "concurrency" else "latency p50 (ms)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
+        ax.set_xlabel(x)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

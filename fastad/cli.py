@@ -177,6 +177,15 @@ def cmd_export(args) -> int:
     from fastad.export import CheckReport, export_engine, export_onnx
 
     t0 = time.perf_counter()
+    if args.format == "triton":
+        from fastad.export.triton import export_triton
+
+        info = export_triton(args.run, args.out, engine=args.engine, max_batch=args.max_batch,
+                             instance_kind=args.instance_kind, instances=args.instances, name=args.name,
+                             fp16=args.fp16, max_queue_delay_us=args.max_queue_delay_us)
+        print(f"exported Triton models {info['network']} ({args.engine}) and {info['pipeline']} (Python backend) "
+              f"in {time.perf_counter() - t0:.0f} s -> {args.out}")
+        return 0
     if args.format == "onnx":
         side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
         print("\n".join(CheckReport.from_summary(side["trt_check"]).lines()))
@@ -187,6 +196,55 @@ def cmd_export(args) -> int:
     print(f"exported {side['precision']} {args.format} in {time.perf_counter() - t0:.0f} s -> {args.out} "
           f"(+ {Path(args.out).name}.json)")
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import tempfile
+
+    from .serving import TritonServer
+
+    if (args.repo is None) == (args.run is None):
+        raise FastADError("give one of --repo (a Triton model repository) or --run (a run directory, exported on the fly)")
+    with tempfile.TemporaryDirectory(prefix="fastad-serve-") as tmp:
+        repo = args.repo
+        if args.run is not None:
+            import torch
+
+            from fastad.export.triton import export_triton
+
+            kind = args.instance_kind or ("gpu" if torch.cuda.is_available() else "cpu")
+            info = export_triton(args.run, Path(tmp) / "repo", engine=args.engine, max_batch=args.max_batch,
+                                 instance_kind=kind)
+            repo = info["repository"]
+            print(f"exported {args.run} -> {info['network']}, {info['pipeline']} ({kind} instances)")
+        models = _csv_list(args.models) if args.models else None
+        server = TritonServer(repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                              tritonserver=args.tritonserver, models=models, log_path=args.log)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            with server:
+                print(f"tritonserver {server.binary} serving {repo} on 127.0.0.1 only")
+                print(f"  HTTP     {server.http_url}")
+                print(f"  gRPC     {server.grpc_url}")
+                print(f"  metrics  {server.metrics_url}")
+                print(f"  models   {', '.join(server.models)}")
+                print(f"  pid      {server.process.pid} (a process group of its own)")
+                for name, why in server.skipped.items():
+                    print(f"  not loaded: {name} ({why})")
+                print("Ctrl-C stops it.", flush=True)
+                code = server.process.wait()
+                raise FastADError(f"tritonserver exited with status {code}; its log ({server.log_path}) ends:\n"
+                                  f"{server.log_tail()}")
+        except KeyboardInterrupt:
+            print("stopped")
+            return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_check(args) -> int:
@@ -219,6 +277,17 @@ def cmd_bench(args) -> int:
     for path in (args.json, args.md, args.png):
         if path and Path(path).is_dir():
             raise FastADError(f"{path} is a directory")
+    if args.server:
+        from .benchmark import run_server_bench
+
+        result = run_server_bench(args.server, args.concurrency, run=args.run, data=args.data, per_thread=args.rounds,
+                                  max_seconds=args.max_seconds, device=args.device, model=args.model,
+                                  command="fastad " + " ".join(args.argv))
+        write_outputs(result, args.json, args.md, args.png)
+        print(markdown_table(result), end="")
+        return 0
+    if args.run is None:
+        raise FastADError("give --run (a run directory), or --server URL to benchmark a Triton server")
     result = run_bench(args.run, _csv_list(args.backend), args.batch, device=args.device, data=args.data,
                        rounds=args.rounds, max_seconds=args.max_seconds, onnx=args.onnx, engine=args.engine,
                        command="fastad " + " ".join(args.argv))
@@ -318,27 +387,52 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a run to ONNX or a TensorRT engine")
+    p = sub.add_parser("export", help="export a run to ONNX, a TensorRT engine or a Triton model repository")
     p.add_argument("--run", required=True, help="run directory written by fastad train")
-    p.add_argument("--format", required=True, choices=["onnx", "engine"])
-    p.add_argument("--out", required=True, help="model.onnx or model.engine (a .json sidecar is written next to it)")
+    p.add_argument("--format", required=True, choices=["onnx", "engine", "triton"])
+    p.add_argument("--out", required=True, help="model.onnx or model.engine (a .json sidecar is written next to it); "
+                   "triton: the model repository folder")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")
     p.add_argument("--opt-batch", type=_positive_int, default=8, help="engine profile: batch tuned for")
     p.add_argument("--max-batch", type=_positive_int, default=32,
-                   help="engine profile maximum; also the batch the ONNX check sizes tensors at")
+                   help="engine profile maximum; also the batch the ONNX check sizes tensors at; "
+                        "triton: max_batch_size of both models")
     p.add_argument("--timing-cache", help="TensorRT timing cache file (read and updated)")
     p.add_argument("--keep-onnx", action="store_true", help="engine: keep the intermediate ONNX next to it")
+    g = p.add_argument_group("--format triton")
+    g.add_argument("--engine", default="onnx", choices=["onnx", "tensorrt"],
+                   help="the network model: onnx (platform onnxruntime_onnx, default) or tensorrt (tensorrt_plan)")
+    g.add_argument("--instance-kind", default="gpu", choices=["gpu", "cpu"], help="instance group kind (default gpu)")
+    g.add_argument("--instances", type=_positive_int, default=1, help="instances per model (default 1)")
+    g.add_argument("--name", help="model name (default: the run directory's name)")
+    g.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="dynamic batching: longest wait for a fuller batch, microseconds (default 2000)")
     p.set_defaults(func=cmd_export, quiet=False)
+
+    p = sub.add_parser("serve", help="serve a Triton model repository (or a run) with Triton Inference Server")
+    p.add_argument("--repo", help="model repository written by fastad export --format triton")
+    p.add_argument("--run", help="or a run directory: exported into a temporary repository first")
+    p.add_argument("--engine", default="onnx", choices=["onnx", "tensorrt"], help="--run: the network model's engine")
+    p.add_argument("--instance-kind", choices=["gpu", "cpu"], help="--run: instance kind (default gpu with CUDA, else cpu)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="--run: max_batch_size (default 8)")
+    p.add_argument("--models", help="comma-separated models to load (default: every model this server has a backend for)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default 8001; 0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="metrics port on 127.0.0.1 (default 8002; 0: any free port)")
+    p.add_argument("--tritonserver", help="a Triton install's tritonserver binary (default: nvidia-pytriton's)")
+    p.add_argument("--log", help="write the server's log here (default: a temporary file)")
+    p.set_defaults(func=cmd_serve, quiet=False)
 
     p = sub.add_parser("check", help="check an ONNX model against TensorRT's supported ops and limits")
     p.add_argument("model", help="model.onnx")
     p.add_argument("--batch", type=_positive_int, default=32, help="largest batch to size tensors at")
     p.set_defaults(func=cmd_check, quiet=False)
 
-    p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes")
-    p.add_argument("--run", required=True, help="run directory written by fastad train")
+    p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes, or of a Triton server")
+    p.add_argument("--run", help="run directory written by fastad train; with --server: what to run in-process beside it "
+                   "(a run directory or the repository's model.onnx)")
     p.add_argument("--backend", default="torch,onnx", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--json", help="write the JSON result here")
@@ -349,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=_positive_float, default=60.0, help="time budget per batch size (default 60)")
     p.add_argument("--onnx", help="use this .onnx instead of exporting the run")
     p.add_argument("--engine", help="use this TensorRT engine instead of building one")
+    g = p.add_argument_group("a Triton server (fastad serve)")
+    g.add_argument("--server", help="benchmark this server: http://HOST:PORT or grpc://HOST:PORT")
+    g.add_argument("--model", help="the pipeline model's name (default: the server's one fastad pipeline model)")
+    g.add_argument("--concurrency", type=_csv_ints, default=[1, 4, 16],
+                   help="comma-separated numbers of client threads (default 1,4,16); --rounds: requests per thread")
     common(p)
     p.set_defaults(func=cmd_bench)
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 import os
 from numbers import Integral, Real
-from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 from .preprocess import crop_offset
+from .results import Region  # noqa: F401 - part of this module's interface
 
 try:
     from fastad import _postprocess as _cpp
@@ -50,14 +50,6 @@ def _default_backend() -> str:
 
 
 BACKEND: str = _default_backend()
-
-
-class Region(NamedTuple):
-    bbox: tuple[int, int, int, int]   # (x0, y0, x1, y1), inclusive-exclusive, map coordinates
-    area: int                         # pixels in the component
-    peak_score: float                 # max map value inside the component
-    peak_xy: tuple[int, int]          # (x, y) of that max, first in row-major order on ties
-    mean_score: float                 # mean map value inside the component
 
 
 # ---------------------------------------------------------------------------------------------

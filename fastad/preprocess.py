@@ -31,6 +31,7 @@ happens inside the model (and inside the exported graph).
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -114,15 +115,19 @@ def _tiff_has_deep_samples(img: Image.Image) -> bool:
     return max(bits) > 8
 
 
-def _read_tiff(path: Path) -> Image.Image:
+def _read_tiff(source: Path | bytes) -> Image.Image:
     import tifffile
 
-    return _array_to_rgb(tifffile.imread(str(path)))
+    return _array_to_rgb(tifffile.imread(io.BytesIO(source) if isinstance(source, bytes) else str(source)))
 
 
-def _looks_like_tiff(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+def _looks_like_tiff(source: Path | bytes) -> bool:
+    if isinstance(source, bytes):
+        head = source[:4]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _open_checked(path: str | os.PathLike, kind: str = "image") -> Path:
@@ -145,22 +150,37 @@ def _reason(err: Exception) -> str:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file fully and return it as 8-bit RGB (H, W, 3). Raises FastADError."""
     path = _open_checked(path)
-    is_tiff = path.suffix.lower() in _TIFF_SUFFIXES
+    return _decode(path, f"image {path}", path.suffix.lower() in _TIFF_SUFFIXES)
+
+
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """The bytes of an image file (PNG, JPEG, BMP, TIFF, ... as stored on disk or sent over a
+    network) -> 8-bit RGB, by the same rules as `load_image`. Raises FastADError naming `what`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FastADError(f"cannot read {what}: expected the bytes of an image file, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise FastADError(f"cannot read {what}: no bytes")
+    return _decode(data, what, False)
+
+
+def _decode(source: Path | bytes, what: str, is_tiff: bool) -> Image.Image:
+    """A checked file path or an image file's bytes -> 8-bit RGB; FastADError("cannot read {what}: ...")."""
     try:
-        with Image.open(path) as img:
-            if is_tiff and _tiff_has_deep_samples(img):
-                return _read_tiff(path)
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if (is_tiff or img.format == "TIFF") and _tiff_has_deep_samples(img):
+                return _read_tiff(source)
             img.load()  # full decode: truncated or corrupt data fail here
             return _pil_to_rgb(img).copy()
     except FastADError:
         raise
     except Exception as pil_err:  # any decoder failure means the file is unreadable
-        if is_tiff or _looks_like_tiff(path):
+        if is_tiff or _looks_like_tiff(source):
             try:
-                return _read_tiff(path)
+                return _read_tiff(source)
             except Exception:
                 pass
-        raise FastADError(f"cannot read image {path}: {_reason(pil_err)}") from None
+        raise FastADError(f"cannot read {what}: {_reason(pil_err)}") from None
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
@@ -332,6 +352,7 @@ def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
 
 __all__ = [
     "load_image",
+    "decode_image",
     "load_mask",
     "crop_offset",
     "image_to_tensor",

@@ -30,7 +30,6 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ from .backends import BACKENDS, PRECISIONS, RUN_BACKENDS
 from .errors import FastADError
 from .postprocess import Region, default_thresholds
 from .preprocess import prepare_batch
+from .results import Result  # noqa: F401 - part of this module's interface
 from .sidecar import read_sidecar
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -205,16 +205,6 @@ def open_engine(path, backend: str = "auto", device: str = "auto", precision: st
 # --------------------------------------------------------------------------------------------
 # The predictor
 # --------------------------------------------------------------------------------------------
-class Result(NamedTuple):
-    scores: np.ndarray              # (B,) image anomaly scores
-    is_anomalous: np.ndarray        # (B,) bool: score > image threshold (all False without one)
-    anomaly_maps: np.ndarray        # (B, S, S) float32 maps at the model's resolution
-    masks: list[np.ndarray]         # per image (H_i, W_i) bool: map > pixel threshold
-    regions: list[list[Region]]     # per image, connected defect regions, highest peak first
-    image_threshold: float | None
-    pixel_threshold: float | None
-
-
 class Predictor:
     """Load once, predict many times (`fastad.load` returns one). `path`: run directory, .onnx or
     TensorRT .engine.

@@ -17,3 +17,16 @@ def demo_data(tmp_path_factory):
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_train=8, n_test_good=3,
                              n_test_defect=2, size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_128(demo_data, tmp_path_factory):
+    """A tiny FOD run at 128 px (d 32/64, one layer, one epoch), shared by the deployment and
+    serving tests."""
+    from fastad.models.fod import FODConfig
+    from fastad.training.loop import train
+
+    os.environ["FASTAD_COMPILE"] = "0"
+    config = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4, resize=128, crop=128)
+    return train(demo_data, tmp_path_factory.mktemp("runs") / "tiny", model="fod", config=config, progress=False,
+                 compile_stats=False)

@@ -24,24 +24,17 @@ from PIL import Image
 from .test_cli import assert_user_error, run_cli
 from fastad.errors import FastADError
 from fastad.export import check_onnx, export_engine, export_onnx, read_sidecar
-from fastad.models.fod import FODConfig
 from fastad.postprocess import default_thresholds, map_to_original
 from fastad.runtime import Predictor
 from fastad.training.loop import train
 
-train_fod = partial(train, model="fod")
 train_adtr = partial(train, model="adtr")
 
-TINY = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4, resize=128, crop=128)
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data, tmp_path_factory) -> Path:
-    import os
-
-    os.environ["FASTAD_COMPILE"] = "0"
-    return train_fod(demo_data, tmp_path_factory.mktemp("runs") / "tiny", config=TINY, progress=False,
-                     compile_stats=False)
+def run_dir(tiny_run_128) -> Path:
+    return tiny_run_128  # trained once per session (conftest)
 
 
 @pytest.fixture(scope="module")
