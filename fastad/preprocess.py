@@ -18,7 +18,10 @@ Every image becomes an 8-bit RGB `PIL.Image.Image`, whatever its file stores:
 
 A missing, empty, corrupt or truncated file raises `FastADError("cannot read image FILE: reason")`.
 Truncated files are caught because the whole image is decoded (`img.load()`); this module never sets
-PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`.
+PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`. An image whose header declares more pixels than
+`PIL.Image.MAX_IMAGE_PIXELS` (PIL's default, 89,478,485; raise it for larger sensors) is refused
+from the header, before any pixel memory is allocated (decompression bombs); a TIFF is read only
+up to its first page.
 
 Masks are read here too, not in fastad.data: they share the file checks with images and must be
 resized and cropped by the same geometry as the image they belong to.
@@ -114,10 +117,33 @@ def _tiff_has_deep_samples(img: Image.Image) -> bool:
     return max(bits) > 8
 
 
-def _read_tiff(path: Path) -> Image.Image:
+def _check_pixels(path: Path, width: int, height: int, kind: str = "image") -> None:
+    """Refuse an image whose declared size exceeds PIL.Image.MAX_IMAGE_PIXELS, before decoding."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and int(width) * int(height) > limit:
+        raise FastADError(f"cannot read {kind} {path}: it declares {width} x {height} pixels, over the limit of "
+                          f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
+
+
+def _read_tiff_array(path: Path, kind: str = "image") -> np.ndarray:
+    """The first page of a TIFF through tifffile, its size checked from the header first."""
     import tifffile
 
-    return _array_to_rgb(tifffile.imread(str(path)))
+    with tifffile.TiffFile(str(path)) as tif:
+        if not tif.pages:
+            raise ValueError("TIFF without pages")
+        page = tif.pages[0]
+        shape = tuple(page.shape)
+        if len(shape) < 2:
+            raise ValueError(f"unsupported TIFF page shape {shape}")
+        planar = len(shape) == 3 and shape[0] <= 4 < shape[-1]
+        height, width = shape[-2:] if planar else shape[:2]
+        _check_pixels(path, width, height, kind)
+        return page.asarray()
+
+
+def _read_tiff(path: Path) -> Image.Image:
+    return _array_to_rgb(_read_tiff_array(path))
 
 
 def _looks_like_tiff(path: Path) -> bool:
@@ -148,16 +174,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     is_tiff = path.suffix.lower() in _TIFF_SUFFIXES
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.width, img.height)
             if is_tiff and _tiff_has_deep_samples(img):
                 return _read_tiff(path)
             img.load()  # full decode: truncated or corrupt data fail here
             return _pil_to_rgb(img).copy()
     except FastADError:
         raise
+    except Image.DecompressionBombError as bomb:  # PIL's own check, at twice the limit
+        raise FastADError(f"cannot read image {path}: {_reason(bomb)}") from None
     except Exception as pil_err:  # any decoder failure means the file is unreadable
         if is_tiff or _looks_like_tiff(path):
             try:
                 return _read_tiff(path)
+            except FastADError:
+                raise
             except Exception:
                 pass
         raise FastADError(f"cannot read image {path}: {_reason(pil_err)}") from None
@@ -168,17 +199,20 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     path = _open_checked(path, "mask")
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.width, img.height, "mask")
             img.load()
             if img.mode == "P":
                 img = img.convert("RGBA")
             arr = np.array(img)
+    except FastADError:
+        raise
     except Exception as pil_err:
         if path.suffix.lower() not in _TIFF_SUFFIXES:
             raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
         try:
-            import tifffile
-
-            arr = np.squeeze(tifffile.imread(str(path)))
+            arr = np.squeeze(_read_tiff_array(path, "mask"))
+        except FastADError:
+            raise
         except Exception:
             raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
     if arr.ndim == 3:

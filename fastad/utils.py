@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -22,20 +23,63 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    Readers never see a half-written file, and a failure leaves no partial output behind.
+    Readers never see a half-written file, and a failure leaves no partial output behind. A
+    file system that refuses the write (full, file too large, read-only, no permission) is a
+    FastADError naming `path`; a process killed mid-write leaves only a `.NAME.*.tmp` file,
+    which `remove_stale_temporaries` clears.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise write_error(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise write_error(path, e) from None
+        raise
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+TEMP_SUFFIX = ".tmp"
+# Errors of a file system that cannot take the write: the user's to fix, reported in one line.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(path: Path, err: OSError):
+    """The FastADError for a write the file system refused."""
+    from .errors import FastADError
+
+    return FastADError(f"cannot write {path}: {err.strerror or err} (nothing was written there)")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err` (a library's own exception type too) says the file system refused a write:
+    safetensors and the ONNX exporter wrap ENOSPC/EFBIG in their own exceptions."""
+    if isinstance(err, OSError):
+        return err.errno in WRITE_ERRNOS
+    text = str(err)
+    return any(os.strerror(code) in text for code in WRITE_ERRNOS) or "os error 27" in text or "os error 28" in text
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temp files (`.NAME.*.tmp`) that atomic writes of a killed process left in
+    `directory`; call only while holding the directory's lock. -> the removed paths."""
+    removed = []
+    for p in directory.glob(f".*{TEMP_SUFFIX}"):
+        if p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
