@@ -127,8 +127,11 @@ def _check_pixels(path: Path, width: int, height: int, kind: str = "image") -> N
 
 def _read_tiff_array(path: Path, kind: str = "image") -> np.ndarray:
     """The first page of a TIFF through tifffile, its size checked from the header first."""
+    import logging
+
     import tifffile
 
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its complaints end as our one error line
     with tifffile.TiffFile(str(path)) as tif:
         if not tif.pages:
             raise ValueError("TIFF without pages")

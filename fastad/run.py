@@ -43,7 +43,8 @@ from .backbones import FeatureExtractor
 from .backends import IMPL_OF_BACKEND, RUN_BACKENDS
 from .errors import FastADError
 from .ops import set_impl
-from .utils import atomic_path, remove_stale_temporaries, resolve_device, write_json
+from .utils import (atomic_path, confined_file, read_verified, remove_stale_temporaries, resolve_device,
+                    sha256_bytes, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,8 @@ RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, CKPT_FILE, CKPT_STATE_FILE)
 
 
 # --------------------------------------------------------------------------------------------
-# Integrity: the sha256 of weight files, file names confined to the run directory
+# Integrity: the sha256 of weight files (helpers in fastad.utils)
 # --------------------------------------------------------------------------------------------
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """A digest of named tensors (names, dtypes, shapes, bytes) in name order: what a checkpoint
     records about itself in its own metadata."""
@@ -71,35 +68,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def confined_file(directory: Path, name, what: str) -> Path:
-    """`directory / name` for a plain file name recorded in a config or sidecar; one FastADError
-    line for anything naming a file elsewhere (absolute paths, `..`, sub-folders, NUL bytes)."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
-            or "\0" in name or os.path.isabs(name)):
-        raise FastADError(f"{what} names {name!r}: only a file name inside {directory} is allowed "
-                          "(no paths, no '..')")
-    return directory / name
-
-
-def read_verified(path: Path, expected_sha256: str | None, what: str) -> bytes:
-    """The bytes of `path`, read once, checked against `expected_sha256` (when given) before
-    anything parses them."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FastADError(f"{path.parent} has no {path.name}") from None
-    except OSError as e:
-        raise FastADError(f"cannot read {path}: {e.strerror or e}") from None
-    if expected_sha256 is not None:
-        if not isinstance(expected_sha256, str):
-            raise FastADError(f"{what}: the recorded sha256 of {path.name} is not a string")
-        actual = sha256_bytes(data)
-        if actual != expected_sha256.lower():
-            raise FastADError(f"{path} does not match the sha256 recorded in {what} "
-                              f"({actual[:12]}… != {expected_sha256[:12]}…): modified or corrupted weights")
-    return data
 
 
 def _safetensors_from_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import random
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from .errors import FastADError
 
 
 def _umask() -> int:
@@ -40,8 +43,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in WRITE_ERRNOS:
+    except Exception as e:  # noqa: BLE001 - libraries wrap the OSError in their own types
+        if is_write_failure(e) and not isinstance(e, FastADError):
             raise write_error(path, e) from None
         raise
     finally:
@@ -54,20 +57,56 @@ TEMP_SUFFIX = ".tmp"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def write_error(path: Path, err: OSError):
-    """The FastADError for a write the file system refused."""
-    from .errors import FastADError
-
-    return FastADError(f"cannot write {path}: {err.strerror or err} (nothing was written there)")
+def _write_failure_reason(err: BaseException) -> str | None:
+    """The strerror of a refused write inside `err` (an OSError, or a library's exception that
+    wraps one in its message, as safetensors does), else None."""
+    if isinstance(err, OSError):
+        return (err.strerror or str(err)) if err.errno in WRITE_ERRNOS else None
+    text = str(err)
+    return next((os.strerror(code) for code in WRITE_ERRNOS if os.strerror(code) in text), None)
 
 
 def is_write_failure(err: BaseException) -> bool:
-    """Whether `err` (a library's own exception type too) says the file system refused a write:
-    safetensors and the ONNX exporter wrap ENOSPC/EFBIG in their own exceptions."""
-    if isinstance(err, OSError):
-        return err.errno in WRITE_ERRNOS
-    text = str(err)
-    return any(os.strerror(code) in text for code in WRITE_ERRNOS) or "os error 27" in text or "os error 28" in text
+    return _write_failure_reason(err) is not None
+
+
+def write_error(path: Path, err: BaseException):
+    """The FastADError for a write the file system refused."""
+    reason = _write_failure_reason(err) or str(err)
+    return FastADError(f"cannot write {path}: {reason} (nothing was written there)")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def confined_file(directory: Path, name, what: str) -> Path:
+    """`directory / name` for a plain file name recorded in a config or sidecar; one FastADError
+    line for anything naming a file elsewhere (absolute paths, `..`, sub-folders, NUL bytes)."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name)):
+        raise FastADError(f"{what} names {name!r}: only a file name inside {directory} is allowed "
+                          "(no paths, no '..')")
+    return directory / name
+
+
+def read_verified(path: Path, expected_sha256: str | None, what: str) -> bytes:
+    """The bytes of `path`, read once, checked against `expected_sha256` (when given) before
+    anything parses them."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FastADError(f"{path.parent} has no {path.name}") from None
+    except OSError as e:
+        raise FastADError(f"cannot read {path}: {e.strerror or e}") from None
+    if expected_sha256 is not None:
+        if not isinstance(expected_sha256, str):
+            raise FastADError(f"{what}: the recorded sha256 of {path.name} is not a string")
+        actual = sha256_bytes(data)
+        if actual != expected_sha256.lower():
+            raise FastADError(f"{path} does not match the sha256 recorded in {what} "
+                              f"({actual[:12]}… != {expected_sha256[:12]}…): modified or corrupted file")
+    return data
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
@@ -91,8 +130,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def resolve_device(name: str = "auto"):
     """"auto" -> cuda when available, else cpu. Unknown or unavailable devices are a FastADError."""
     import torch
-
-    from .errors import FastADError
 
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
