@@ -37,8 +37,8 @@ def read_sidecar(artifact: str | os.PathLike) -> dict:
         raise FastADError(f"{path}: input resize/crop must be integers with 1 <= crop <= resize, got {size}")
     thresholds = meta.get("thresholds")
     if thresholds is not None and not (isinstance(thresholds, dict) and all(
-            v is None or (type(v) in (int, float)) for v in thresholds.values())):
-        raise FastADError(f"{path}: thresholds must map names to numbers, got {thresholds!r}")
+            thresholds.get(k) is None or type(thresholds[k]) in (int, float) for k in ("image", "pixel"))):
+        raise FastADError(f"{path}: thresholds image/pixel must be numbers or null, got {thresholds!r}")
     if "file" in meta:
         confined_file(Path(artifact).parent, meta["file"], str(path))
     if not isinstance(meta.get("sha256"), (str, type(None))):

@@ -15,6 +15,7 @@ crash file as the only argument.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from fastad.errors import FastADError  # noqa: E402
 TARGETS = ("image", "layout", "config", "sidecar", "safetensors")
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 _WORK = Path(tempfile.mkdtemp(prefix="fastad-fuzz-"))
+atexit.register(shutil.rmtree, _WORK, True)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".tiff", ".jpeg")
 
 

@@ -221,9 +221,12 @@ def _tiff_header(width: int, height: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", ifd_at) + ifd + b"\0" * 16
 
 
-@pytest.mark.parametrize("kind", ["png", "png_under_pils_error", "bmp", "tif"])
+@pytest.mark.parametrize("kind", ["png", "png_under_pils_error", "bmp", "tif", "tif_found_by_fuzzing"])
 def test_decompression_bombs_are_refused_before_allocation(tmp_path, kind):
-    if kind == "png":
+    if kind == "tif_found_by_fuzzing":  # 132 bytes that PIL decoded as 10 x 4,194,438 pixels in 5 s
+        found = Path(__file__).parent / "fuzz_corpus" / "image" / "found-slow-tiff-10x4194438-in-132-bytes"
+        path, data = tmp_path / "found.tif", found.read_bytes()[1:]  # first byte: the target's suffix choice
+    elif kind == "png":
         path, data = tmp_path / "bomb.png", _png_header(50_000, 50_000)
     elif kind == "png_under_pils_error":  # between PIL's warning and error limits: PIL only warns
         path, data = tmp_path / "bomb.png", _png_header(12_000, 12_000)
@@ -234,7 +237,7 @@ def test_decompression_bombs_are_refused_before_allocation(tmp_path, kind):
     path.write_bytes(data)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for reader in (load_image, load_mask):
-        with pytest.raises(FastADError, match="decompression bomb|exceeds limit"):
+        with pytest.raises(FastADError, match="decompression bomb"):
             reader(path)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB reading a bomb header"
@@ -368,7 +371,7 @@ def test_out_of_memory_splits_the_batch(full_run, demo_data, caplog):
 
 
 # ---- concurrency -------------------------------------------------------------------------------------
-def _images(demo_data: Path) -> list[np.ndarray]:
+def mixed_images(demo_data: Path) -> list[np.ndarray]:
     paths = sorted((demo_data / "test").rglob("*.png"))
     rng = np.random.default_rng(0)
     out = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
@@ -389,11 +392,11 @@ def check_shared_predictor(p: Predictor, images: list[np.ndarray], threads: int 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-lean"])
 def test_one_predictor_shared_by_8_threads(full_run, demo_data, backend):
-    check_shared_predictor(Predictor(full_run, backend=backend, device="cpu", batch_size=2), _images(demo_data))
+    check_shared_predictor(Predictor(full_run, backend=backend, device="cpu", batch_size=2), mixed_images(demo_data))
 
 
 def test_predictors_created_and_calibrated_from_threads(full_run, demo_data):
-    images = _images(demo_data)
+    images = mixed_images(demo_data)
     with ThreadPoolExecutor(4) as pool:
         made = list(pool.map(lambda b: Predictor(full_run, backend=b, device="cpu", warmup=False),
                              ["torch", "torch-lean", "torch", "torch-lean"]))
@@ -496,3 +499,14 @@ def test_disk_full_through_the_cli(demo_data, full_run, tmp_path, command):
                                                                    or p.name == "config.json")]
     assert not leftovers
     assert files_of(full_run) == before
+
+
+@pytest.mark.slow
+def test_soak_1000_predictions(full_run):
+    """bench/soak.py for 1,000 images per backend: RSS after warm-up grows < 5 %, the probe
+    batch stays bit-identical, p99 latency does not drift (the 10,000 version: docs/reliability.md)."""
+    from bench.soak import run_soak
+
+    result = run_soak(str(full_run), ["torch", "torch-lean", "onnx"], 1000, progress=False)
+    for r in result["results"]:
+        assert r["probe_checks"] >= 1 and all(r["passed"].values()), {k: v for k, v in r.items() if k != "curve"}
