@@ -380,14 +380,14 @@ def load_model(run_dir: str | os.PathLike, device: str = "auto", backend: str = 
         cfg = family.config.from_dict(conf["config"])
         if hasattr(cfg, "validate"):
             cfg.validate()
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
     state = read_weights(run, conf)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     backbone = FeatureExtractor.restore(conf["backbone"], backbone_state)
     try:
         model = family.build(cfg, backbone)
-    except ValueError as e:
+    except (ValueError, TypeError, OverflowError) as e:  # values of the right type that cannot build
         raise FastADError(f"{run / CONFIG_FILE}: invalid model config: {e}") from None
     try:
         model.load_state_dict(state, strict=True)

@@ -163,10 +163,50 @@ class JSONConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
+        """The config from a JSON object; unknown keys and values of another JSON type than the
+        field's default (a list for a number, a string for a flag, ...) are a ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        for name, value in values.items():
+            _check_json_type(cls.__name__, name, value, cls.__dataclass_fields__[name].default)
+        return cls(**values)
+
+
+def _json_kind(value) -> str:
+    """bool / number / string / list / object / null: the JSON type a value stands for."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _check_json_type(cls_name: str, name: str, value, default) -> None:
+    """`value` must have the JSON type of the field's `default` (None and missing defaults
+    accept anything; a list's items the type of the default's items; integers where the
+    default is an integer)."""
+    from dataclasses import MISSING
+
+    if default is MISSING or default is None or value is None:
+        return
+    want, got = _json_kind(default), _json_kind(value)
+    bad = want != got or (isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int))
+    if not bad and want == "list" and len(default):
+        item = default[0]
+        bad = any(_json_kind(v) != _json_kind(item) or (isinstance(item, int) and not isinstance(item, bool)
+                                                          and not isinstance(v, int)) for v in value)
+    if bad:
+        raise ValueError(f"{cls_name}.{name} must be like {default!r}, got {value!r}")
 
 
 def library_versions() -> dict:

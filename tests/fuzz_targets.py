@@ -151,7 +151,7 @@ def tiny_run() -> Path:
     torch.manual_seed(0)
     family = registry.get("fod")
     cfg = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=1, batch_size=4, resize=64, crop=64)
-    backbone = FeatureExtractor(cfg.backbone, cfg.strides, weights="none")
+    backbone = FeatureExtractor(cfg.backbone, cfg.backbone_strides(), weights="none")
     model = family.build(cfg, backbone)
     out = _WORK / "run"
     write_run(out, "fod", model, {"epochs_done": 0}, {"num_images": 1, "mean": 0.0, "std": 1.0, "max": 1.0,
@@ -284,7 +284,8 @@ def seeds(target: str) -> dict[str, bytes]:
         out["seed_folder"] = bytes([14, 15, 0, 0x89, 17, 18, 0, 0x89, 255])
         out["seed_visa"] = bytes([19, 20, 0, 0x18, 0, 0, 0, 0x1A, 4])
     elif target in ("config", "sidecar"):
-        out["seed_valid"] = bytes([0]) + bytes(64)
+        out["seed_valid"] = bytes([0]) + bytes([1]) * 400  # the valid file, unchanged
+        out["seed_mutated"] = bytes([0]) + bytes((7 * i + 3) % 256 for i in range(400))
         out["seed_raw"] = bytes([1]) + b'{"format": "fastad-onnx/1", "input": {"resize": 64, "crop": 64}}'
     elif target == "safetensors":
         out["seed_header"] = bytes([1, 0, 0, 0x7B, 3, 0, 0x22])

@@ -425,32 +425,72 @@ def _fastad(*args, fsize: int | None = None, timeout: float = 600, **kw) -> subp
                           env=env, timeout=timeout, preexec_fn=limit if fsize else None, **kw)
 
 
+_TRAIN_TINY2 = """
+import sys
+from pathlib import Path
+from fastad.models.fod import FODConfig
+from fastad.training.loop import train
+cfg = FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, epochs=3, batch_size=4, resize=64, crop=64)
+out = Path(sys.argv[2])
+resume = (out / "checkpoint.safetensors").exists()
+train(sys.argv[1], out, model="fod", config=None if resume else cfg, epochs=3 if resume else None,
+      resume=resume, progress=False, compile_stats=False)
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_instants_then_resume_is_bit_identical(demo_data, tmp_path):
-    """The CLI trains a 3-epoch tiny FOD run; SIGKILL at random instants (seeded) until it
-    finishes, each restart with --resume (or afresh while there is no checkpoint yet)."""
-    args = ["--model", "fod", "--data", demo_data, "--epochs", "3", "--batch-size", "4", "--quiet"]
+    """A 3-epoch tiny FOD run in a fresh process, SIGKILLed at seeded random instants (spread
+    over start-up, the reference-feature pass, the epochs and the checkpoint writes) until it
+    finishes; each restart resumes from the checkpoint (or starts afresh while there is none).
+    The final weights equal an uninterrupted run's bit for bit."""
+    env = {**os.environ, "FASTAD_COMPILE": "0", "OMP_NUM_THREADS": "1"}
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _TRAIN_TINY2, str(demo_data), str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
     full = tmp_path / "full"
     t0 = time.monotonic()
-    assert _fastad("train", *args, "--out", full).returncode == 0
+    proc = start(full)
+    assert proc.wait() == 0, proc.stderr.read()
     duration = time.monotonic() - t0
-    out, rng, kills = tmp_path / "run", random.Random(18), 0
+    out, rng, kills, instants = tmp_path / "run", random.Random(18), 0, []
     while True:
-        resume = ["--resume"] if (out / "checkpoint.safetensors").exists() else []
-        env = {**os.environ, "FASTAD_COMPILE": "0", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "fastad.cli", "train", *map(str, args), "--out", str(out),
-                                 *resume], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = start(out)
         if kills < 6:
-            time.sleep(rng.uniform(0.2, 1.0) * duration)
+            delay = rng.uniform(0.3, 1.0) * duration
+            time.sleep(delay)
             if proc.poll() is None:
                 proc.kill()
                 kills += 1
+                instants.append(round(delay, 1))
         proc.wait()
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    assert kills >= 5
+    assert kills >= 5, instants
     a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), instants
+
+
+def test_kill_during_the_reference_pass_of_a_resume(demo_data, full_run, tmp_path):
+    """Killed while a resumed run recomputes its reference features: the checkpoint is intact
+    and the next resume still ends bit-identical."""
+    out = tmp_path / "run"
+    code, err = in_child(lambda: _train_killed_inside_second_checkpoint_write(demo_data, out))
+    assert code == -signal.SIGKILL, err
+
+    def resume_killed_in_reference_pass():
+        import fastad.models.fod as fod
+
+        fod.FOD.fit_reference = lambda self, tokens: kill_self()
+        train_fod(demo_data, out, resume=True)
+
+    code, err = in_child(resume_killed_in_reference_pass)
+    assert code == -signal.SIGKILL, err
+    train_fod(demo_data, out, resume=True)
+    a, b = load_file(str(full_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
