@@ -498,7 +498,7 @@ def test_kill_during_the_reference_pass_of_a_resume(demo_data, full_run, tmp_pat
 def test_sigkill_during_export_and_predict_leaves_no_partial_file(demo_data, full_run, tmp_path):
     for cmd, out in (("export", tmp_path / "e" / "m.onnx"), ("predict", tmp_path / "p")):
         argv = (["export", "--run", full_run, "--format", "onnx", "--out", out] if cmd == "export" else
-                ["predict", "--run", full_run, demo_data / "test", "--out", out, "--quiet"])
+                ["predict", "--run", full_run, demo_data / "test" / "good", "--out", out, "--quiet"])
         env = {**os.environ, "FASTAD_COMPILE": "0", "OMP_NUM_THREADS": "1"}
         for delay in (2.0, 4.0, 6.0, 8.0):
             proc = subprocess.Popen([sys.executable, "-m", "fastad.cli", *map(str, argv)], env=env,
@@ -531,7 +531,7 @@ def test_disk_full_through_the_cli(demo_data, full_run, tmp_path, command):
     elif command == "export":
         argv = ["export", "--run", full_run, "--format", "onnx", "--out", tmp_path / "m.onnx"]
     else:
-        argv = ["predict", "--run", full_run, demo_data / "test", "--out", tmp_path / "p", "--quiet"]
+        argv = ["predict", "--run", full_run, demo_data / "test" / "good", "--out", tmp_path / "p", "--quiet"]
     proc = _fastad(*argv, fsize=20_000)
     assert proc.returncode == 2, proc.stderr
     one_error_line(proc.stderr, "cannot write")
