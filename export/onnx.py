@@ -123,7 +123,9 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
     example = torch.rand(2, 3, crop, crop)
     dynamic = {INPUT_NAME: {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}}
     sidecar_file = sidecar_path(out)
-    with atomic_path(out) as tmp_onnx, atomic_path(sidecar_file) as tmp_json:
+    # The sidecar is renamed into place last (the outer block ends last): a killed export leaves
+    # no sidecar pointing at a missing or older model.
+    with atomic_path(sidecar_file) as tmp_json, atomic_path(out) as tmp_onnx:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # tracer/deprecation chatter; the graph is checked below
             torch.onnx.export(graph, (example,), str(tmp_onnx), input_names=[INPUT_NAME],

@@ -142,7 +142,7 @@ def export_engine(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: b
             side["tensorrt"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         except Exception:  # noqa: BLE001 - informational only
             pass
-        with atomic_path(out) as tmp_engine, atomic_path(sidecar_path(out)) as tmp_json:
+        with atomic_path(sidecar_path(out)) as tmp_json, atomic_path(out) as tmp_engine:  # sidecar renamed last
             tmp_engine.write_bytes(engine)
             from .onnx import file_sha256
 

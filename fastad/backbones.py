@@ -37,6 +37,7 @@ from torch import nn
 from .errors import FastADError
 
 log = logging.getLogger(__name__)
+_QUIET_LOCK = threading.Lock()
 
 __all__ = [
     "FeatureExtractor",
@@ -493,13 +494,14 @@ class FeatureExtractor(nn.Module):
         ``model_kwargs``, ``weights_source``, ``fingerprint``) and its own ``body.*`` weights,
         e.g. from a run directory. Raises FastADError when the weights do not match the spec."""
         try:
-            prev = log.level
-            log.setLevel(logging.ERROR)  # random init is only a placeholder for `state` here
-            try:
-                fx = cls(spec["name"], spec["strides"], weights="none", mean=spec["mean"],
-                         std=spec["std"], model_kwargs=spec.get("model_kwargs", {}))
-            finally:
-                log.setLevel(prev)
+            with _QUIET_LOCK:  # one thread at a time changes the logger level (predictors in threads)
+                prev = log.level
+                log.setLevel(logging.ERROR)  # random init is only a placeholder for `state` here
+                try:
+                    fx = cls(spec["name"], spec["strides"], weights="none", mean=spec["mean"],
+                             std=spec["std"], model_kwargs=spec.get("model_kwargs", {}))
+                finally:
+                    log.setLevel(prev)
             fx.body.load_state_dict({k[len("body."):]: v for k, v in state.items()}, strict=True)
         except (KeyError, TypeError) as e:
             raise FastADError(f"backbone spec is incomplete or invalid: {e}") from None

@@ -18,7 +18,10 @@ Every image becomes an 8-bit RGB `PIL.Image.Image`, whatever its file stores:
 
 A missing, empty, corrupt or truncated file raises `FastADError("cannot read image FILE: reason")`.
 Truncated files are caught because the whole image is decoded (`img.load()`); this module never sets
-PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`.
+PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`. An image whose header declares more pixels than
+`PIL.Image.MAX_IMAGE_PIXELS` (PIL's default, 89,478,485; raise it for larger sensors) is refused
+from the header, before any pixel memory is allocated (decompression bombs); a TIFF is read only
+up to its first page.
 
 Masks are read here too, not in fastad.data: they share the file checks with images and must be
 resized and cropped by the same geometry as the image they belong to.
@@ -115,10 +118,53 @@ def _tiff_has_deep_samples(img: Image.Image) -> bool:
     return max(bits) > 8
 
 
-def _read_tiff(source: Path | bytes) -> Image.Image:
+# Pixels a file may declare per byte it holds: deflate peaks near 1,032:1 (x 8 for 1-bit images),
+# LZW and fax codings of blank pages stay below ~40,000 pixels per byte; a header declaring more
+# belongs to a truncated file or a bomb (fuzzing found a 132-byte TIFF decoded as 10 x 4,194,438).
+MAX_PIXELS_PER_BYTE = 100_000
+_SMALL_IMAGE_PIXELS = 1 << 20
+
+
+def _check_pixels(what: str, n_bytes: int, width: int, height: int) -> None:
+    """Refuse, from the header alone, an image declaring more pixels than
+    PIL.Image.MAX_IMAGE_PIXELS, or far more than its `n_bytes` bytes can encode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = int(width) * int(height)
+    if limit and pixels > limit:
+        raise FastADError(f"cannot read {what}: it declares {width} x {height} pixels, over the limit of "
+                          f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
+    if pixels > _SMALL_IMAGE_PIXELS + MAX_PIXELS_PER_BYTE * n_bytes:
+        raise FastADError(f"cannot read {what}: it declares {width} x {height} pixels in only {n_bytes:,} bytes "
+                          "(truncated, or a decompression bomb)")
+
+
+def _size(source: Path | bytes) -> int:
+    return len(source) if isinstance(source, bytes) else source.stat().st_size
+
+
+def _read_tiff_array(source: Path | bytes, what: str) -> np.ndarray:
+    """The first page of a TIFF (a file or its bytes) through tifffile, its size checked from the
+    header first."""
+    import logging
+
     import tifffile
 
-    return _array_to_rgb(tifffile.imread(io.BytesIO(source) if isinstance(source, bytes) else str(source)))
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its complaints end as our one error line
+    with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as tif:
+        if not tif.pages:
+            raise ValueError("TIFF without pages")
+        page = tif.pages[0]
+        shape = tuple(page.shape)
+        if len(shape) < 2:
+            raise ValueError(f"unsupported TIFF page shape {shape}")
+        planar = len(shape) == 3 and shape[0] <= 4 < shape[-1]
+        height, width = shape[-2:] if planar else shape[:2]
+        _check_pixels(what, _size(source), width, height)
+        return page.asarray()
+
+
+def _read_tiff(source: Path | bytes, what: str) -> Image.Image:
+    return _array_to_rgb(_read_tiff_array(source, what))
 
 
 def _looks_like_tiff(source: Path | bytes) -> bool:
@@ -168,16 +214,21 @@ def _decode(source: Path | bytes, what: str, is_tiff: bool) -> Image.Image:
     """A checked file path or an image file's bytes -> 8-bit RGB; FastADError("cannot read {what}: ...")."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            _check_pixels(what, _size(source), img.width, img.height)
             if (is_tiff or img.format == "TIFF") and _tiff_has_deep_samples(img):
-                return _read_tiff(source)
+                return _read_tiff(source, what)
             img.load()  # full decode: truncated or corrupt data fail here
             return _pil_to_rgb(img).copy()
     except FastADError:
         raise
+    except Image.DecompressionBombError as bomb:  # PIL's own check, at twice the limit
+        raise FastADError(f"cannot read {what}: {_reason(bomb)}") from None
     except Exception as pil_err:  # any decoder failure means the file is unreadable
         if is_tiff or _looks_like_tiff(source):
             try:
-                return _read_tiff(source)
+                return _read_tiff(source, what)
+            except FastADError:
+                raise
             except Exception:
                 pass
         raise FastADError(f"cannot read {what}: {_reason(pil_err)}") from None
@@ -188,17 +239,20 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     path = _open_checked(path, "mask")
     try:
         with Image.open(path) as img:
+            _check_pixels(f"mask {path}", _size(path), img.width, img.height)
             img.load()
             if img.mode == "P":
                 img = img.convert("RGBA")
             arr = np.array(img)
+    except FastADError:
+        raise
     except Exception as pil_err:
         if path.suffix.lower() not in _TIFF_SUFFIXES:
             raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
         try:
-            import tifffile
-
-            arr = np.squeeze(tifffile.imread(str(path)))
+            arr = np.squeeze(_read_tiff_array(path, f"mask {path}"))
+        except FastADError:
+            raise
         except Exception:
             raise FastADError(f"cannot read mask {path}: {_reason(pil_err)}") from None
     if arr.ndim == 3:
@@ -232,11 +286,9 @@ def _resize_crop(img: Image.Image, resize: int, crop: int, resample: int) -> Ima
     return img.crop((top, top, top + crop, top + crop))
 
 
-def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256,
-                    resample: int = Image.BILINEAR) -> torch.Tensor:
-    """RGB PIL image -> float32 (3, crop, crop) in [0, 1] (antialiased resize with `resample`,
-    bilinear by default; centre crop)."""
-    img = _resize_crop(_pil_to_rgb(img), resize, crop, resample)
+def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, crop, crop) in [0, 1] (bilinear antialiased resize, centre crop)."""
+    img = _resize_crop(_pil_to_rgb(img), resize, crop, Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -352,7 +404,6 @@ def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
 
 __all__ = [
     "load_image",
-    "decode_image",
     "load_mask",
     "crop_offset",
     "image_to_tensor",

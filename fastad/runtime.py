@@ -22,10 +22,17 @@ default thresholds are fastad.postprocess.
 
 Thread safety: one Predictor may be shared by several threads. Engine calls are serialised per
 instance (a TensorRT execution context and its buffers are single-stream); preprocessing and
-post-processing (the C++ module releases the GIL) run concurrently.
+post-processing (the C++ module releases the GIL) run concurrently; `calibrate` swaps both
+thresholds at once, and a prediction uses one consistent pair. Predictors may be created from
+several threads at once.
+
+Out of memory: a batch the device cannot hold is split in halves (down to one image) and the
+predictor keeps the smaller engine batch (`batch_size`) from then on, with a warning; one image
+that does not fit is a FastADError saying so.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -40,9 +47,21 @@ from .errors import FastADError
 from .postprocess import Region, default_thresholds
 from .preprocess import prepare_batch
 from .results import Result  # noqa: F401 - part of this module's interface
-from .sidecar import read_sidecar
+from .sidecar import read_artifact, read_sidecar
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+log = logging.getLogger(__name__)
+
+# How engines say they ran out of memory: torch (CUDA, CPU allocator), onnxruntime (its arena),
+# TensorRT through torch allocations.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "failed to allocate memory", "cudaerrormemoryallocation")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return any(m in text for m in _OOM_MESSAGES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +129,9 @@ class OnnxEngine:
         opts.log_severity_level = 3  # errors only: fp16 graphs make the optimiser chatty
         if threads:
             opts.intra_op_num_threads = threads
+        model_bytes = read_artifact(path, self.meta["sidecar"])
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort.InferenceSession(model_bytes, opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise FastADError(f"cannot load {path} with onnxruntime: {str(e).splitlines()[0]}") from None
         self.name = "onnx"
@@ -142,10 +162,7 @@ class TensorRTEngine:
         self.device = torch.device(device if device.startswith("cuda") else "cuda")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        try:
-            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        except OSError as e:
-            raise FastADError(f"cannot read {path}: {e}") from None
+        self.engine = self.runtime.deserialize_cuda_engine(read_artifact(path, self.meta["sidecar"]))
         if self.engine is None:
             raise FastADError(f"{path}: TensorRT could not deserialize it (built with another TensorRT "
                               "version or GPU? engines are not portable)")
@@ -227,15 +244,32 @@ class Predictor:
         meta = self.engine.meta
         self.resize, self.crop = int(meta["resize"]), int(meta["crop"])
         defaults = meta.get("thresholds") or {}
-        self.image_threshold = _check_threshold(threshold, "threshold") if threshold is not None else defaults.get("image")
+        image_thr = _check_threshold(threshold, "threshold") if threshold is not None else defaults.get("image")
         pix = pixel_threshold if pixel_threshold is not None else (threshold if threshold is not None else defaults.get("pixel"))
-        self.pixel_threshold = _check_threshold(pix, "pixel_threshold") if pix is not None else None
+        self._thresholds = (image_thr, _check_threshold(pix, "pixel_threshold") if pix is not None else None)
         limit = self.engine.max_batch
         self.batch_size = min(int(batch_size), limit) if limit else int(batch_size)
         self.min_region_area = int(min_region_area)
         self._lock = threading.Lock()
         if warmup:
             self.engine.run(np.zeros((1, 3, self.crop, self.crop), np.float32))
+
+    # The thresholds live in one tuple, replaced at once, so readers never see half an update.
+    @property
+    def image_threshold(self) -> float | None:
+        return self._thresholds[0]
+
+    @image_threshold.setter
+    def image_threshold(self, value) -> None:
+        self._thresholds = (value, self._thresholds[1])
+
+    @property
+    def pixel_threshold(self) -> float | None:
+        return self._thresholds[1]
+
+    @pixel_threshold.setter
+    def pixel_threshold(self, value) -> None:
+        self._thresholds = (self._thresholds[0], value)
 
     @property
     def backend(self) -> str:
@@ -257,29 +291,51 @@ class Predictor:
         return self.engine.meta.get("model")
 
     def scores_and_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The engine on a ready float32 (B, 3, S, S) batch, chunked by batch_size."""
+        """The engine on a ready float32 (B, 3, S, S) batch, chunked by batch_size; a chunk that
+        runs out of memory is split (see the module docstring)."""
         maps, scores = [], []
-        for start in range(0, batch.shape[0], self.batch_size):
+        start = 0
+        while start < batch.shape[0]:
             with self._lock:
-                m, s = self.engine.run(np.ascontiguousarray(batch[start:start + self.batch_size]))
+                chunk = np.ascontiguousarray(batch[start:start + self.batch_size])
+                try:
+                    m, s = self.engine.run(chunk)
+                except Exception as e:  # noqa: BLE001 - each engine has its own OOM exception
+                    if not is_out_of_memory(e):
+                        raise
+                    self._shrink_after_oom(len(chunk), e)
+                    continue
             maps.append(m)
             scores.append(s)
+            start += len(chunk)
         return np.concatenate(maps), np.concatenate(scores)
+
+    def _shrink_after_oom(self, size: int, err: BaseException) -> None:
+        """Halve the engine batch after `size` images ran out of memory (called under the lock)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if size <= 1:
+            raise FastADError(f"out of memory running one {self.crop}x{self.crop} image on {self.engine.device} "
+                              f"({self.backend}): the model does not fit there; free memory, use a lower "
+                              "precision or another device") from None
+        self.batch_size = min(self.batch_size, max(1, size // 2))
+        log.warning("out of memory with a batch of %d on %s: splitting it, engine batch size is now %d "
+                    "(%s)", size, self.engine.device, self.batch_size, str(err).splitlines()[0][:120])
 
     def predict(self, images) -> Result:
         """Images (paths, PIL, uint8 H×W[×C] arrays of any size, float (3, H, W) / (B, 3, H, W)
         in [0, 1] of any size, or a list of these) -> `Result`."""
         batch, sizes = prepare_batch(images, self.resize, self.crop)
         maps, scores = self.scores_and_maps(batch.numpy())
-        thr = self.image_threshold
+        thr, pixel_thr = self._thresholds  # one consistent pair, even while another thread calibrates
         flagged = scores > thr if thr is not None else np.zeros(len(scores), bool)
         masks, regions = [], []
         for amap, size in zip(maps, sizes):
-            mask, found = postprocess.postprocess_image(amap, size, self.resize, self.crop, self.pixel_threshold,
+            mask, found = postprocess.postprocess_image(amap, size, self.resize, self.crop, pixel_thr,
                                                         min_area=self.min_region_area)
             masks.append(mask)
             regions.append(found)
-        return Result(scores, flagged, maps, masks, regions, thr, self.pixel_threshold)
+        return Result(scores, flagged, maps, masks, regions, thr, pixel_thr)
 
     def calibrate(self, normal_images, quantile: float = 1.0, margin: float = 0.0) -> dict:
         """Set the image and pixel thresholds from held-out normal images: the `quantile` of
@@ -289,7 +345,7 @@ class Predictor:
         batch, _ = prepare_batch(normal_images, self.resize, self.crop)
         _, scores = self.scores_and_maps(batch.numpy())
         thr = float(np.quantile(scores, quantile)) * (1.0 + margin)
-        self.image_threshold = self.pixel_threshold = thr
+        self._thresholds = (thr, thr)
         return {"image": thr, "pixel": thr, "num_images": int(len(scores)),
                 "source": f"calibrated on {len(scores)} normal images: quantile {quantile} x (1 + {margin})"}
 

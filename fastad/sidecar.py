@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .errors import FastADError
+from .utils import confined_file, read_verified
 
 SIDECAR_FORMAT = "fastad-onnx/1"
 
@@ -29,6 +30,24 @@ def read_sidecar(artifact: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise FastADError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "input" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("input"), dict):
         raise FastADError(f"{path} is not a fastad sidecar (format {SIDECAR_FORMAT})")
+    size = {k: meta["input"].get(k) for k in ("resize", "crop")}
+    if not all(type(v) is int and 1 <= v <= 1 << 15 for v in size.values()) or size["crop"] > size["resize"]:
+        raise FastADError(f"{path}: input resize/crop must be integers with 1 <= crop <= resize, got {size}")
+    thresholds = meta.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, dict) and all(
+            thresholds.get(k) is None or type(thresholds[k]) in (int, float) for k in ("image", "pixel"))):
+        raise FastADError(f"{path}: thresholds image/pixel must be numbers or null, got {thresholds!r}")
+    if "file" in meta:
+        confined_file(Path(artifact).parent, meta["file"], str(path))
+    if not isinstance(meta.get("sha256"), (str, type(None))):
+        raise FastADError(f"{path}: sha256 must be a hex string")
     return meta
+
+
+def read_artifact(artifact: str | os.PathLike, meta: dict) -> bytes:
+    """The bytes of an exported file, checked against the sha256 its sidecar records (exports
+    older than the check carry one too); read once, so what is checked is what runs."""
+    path = Path(artifact)
+    return read_verified(path, meta.get("sha256"), str(sidecar_path(path)))

@@ -288,6 +288,11 @@ def test_tampered_backbone_weights_detected(capsys, demo_data, tiny_run, tmp_pat
     state[key] = state[key] + 0.01
     save_file(state, str(run / "model.safetensors"))
     code, _, err = run_cli(capsys, "eval", "--run", run, "--data", demo_data, "--quiet")
+    assert_user_error(code, err, "sha256")  # the weights hash in config.json catches it first
+    conf = json.loads((run / "config.json").read_text())
+    del conf["files"]  # a run written before the hash: the backbone fingerprint still catches it
+    (run / "config.json").write_text(json.dumps(conf))
+    code, _, err = run_cli(capsys, "eval", "--run", run, "--data", demo_data, "--quiet")
     assert_user_error(code, err, "fingerprint")
 
 

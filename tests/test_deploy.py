@@ -516,3 +516,10 @@ def test_cli_eval_onnx_equals_run(run_dir, onnx_path, demo_data, tmp_path, capsy
         reports.append(json.loads(rep.read_text()))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert reports[1][key] == pytest.approx(reports[0][key], abs=1e-4), key  # map diffs ~1e-6 reorder near-ties
+
+
+def test_onnx_predictor_shared_by_8_threads(onnx_path, demo_data):
+    """The onnx backend under 8 threads equals serial calls (torch backends: test_reliability)."""
+    from .test_reliability import check_shared_predictor, mixed_images
+
+    check_shared_predictor(Predictor(onnx_path, batch_size=2), mixed_images(demo_data))

@@ -271,8 +271,14 @@ def _visa(root: Path, split: str, require_masks: bool) -> list[Sample]:
             )
     samples: list[Sample] = []
     listed_masks: set[Path] = set()
+    inside = base.resolve()
     for line, row in rows:
         mask = row.get("mask", "")
+        for listed in (row.get("image"), mask):
+            if listed and (Path(listed).is_absolute() or "\0" in listed
+                           or not (base / listed).resolve().is_relative_to(inside)):
+                raise FastADError(f"split CSV {path} line {line} lists {listed!r}, outside {base} "
+                                  "(paths must be relative and stay inside the dataset)")
         if mask:
             listed_masks.add((base / mask).resolve())
         if not row.get("image"):

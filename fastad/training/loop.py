@@ -29,14 +29,15 @@ import torch
 from .. import registry
 from ..data.layouts import list_samples
 from ..errors import FastADError
-from ..run import (check_run_dir, load_checkpoint, run_config, save_checkpoint, saved_run_config,
-                   write_run)
+from ..run import (check_run_dir, exclusive_run_dir, load_checkpoint, run_config, save_checkpoint,
+                   saved_run_config, write_run)
 from ..utils import resolve_device, seed_everything
 from .task import Stage, Task
 
 log = logging.getLogger(__name__)
 
 
+@exclusive_run_dir  # one training process per run directory (a lock file; see fastad.run)
 def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None, layout: str | None = None,
           device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
           config=None, **options) -> Path:
