@@ -4,5 +4,6 @@ Inside fastad only `fastad.ops` imports this package."""
 from ._impl import IMPLS
 from .feature_distance import feature_distance
 from .i2corr import I2CorrOutput, i2corr_attention
+from .i2corr_grad import I2CorrSplitOutput
 
-__all__ = ["IMPLS", "I2CorrOutput", "feature_distance", "i2corr_attention"]
+__all__ = ["IMPLS", "I2CorrOutput", "I2CorrSplitOutput", "feature_distance", "i2corr_attention"]

@@ -1,0 +1,204 @@
+"""A differentiable I2Correlation branch in O(N) memory: the attention output, the symmetric KL to
+the RBF target and the entropy, with their gradients into q, k, v and σ (FOD's training).
+
+Notation as in `fastad.kernels.i2corr` (one head, query row i, keys j, ε = LOG_EPS):
+
+    z = q kᵀ·scale,  S = softmax_j(z),  out = S v,
+    T̂_j = p_i(r_j) · p'_i(c_j),  p_i(r) = softmax_r(−(r_i − r)² u0),  p'_i(c) = softmax_c(−(c_i − c)² u1),
+    u = 1/(2σ²),  d_j = log(T̂_j + ε) − log(S_j + ε),
+    kl = Σ_j (T̂_j − S_j) d_j,   entropy = −Σ_j S_j log(S_j + ε).
+
+Backward for upstream gradients dO (row vector), g_S (of kl, through S), g_T (of kl, through T̂)
+and g_E (of the entropy), all per query row:
+
+    ∂L/∂S_j = dO·v_j + g_S (−d_j + (S_j − T̂_j)/(S_j + ε)) + g_E (−log(S_j + ε) + ε/(S_j + ε)) − g_E
+    ∂L/∂z_j = S_j (∂L/∂S_j − Σ_l S_l ∂L/∂S_l)          (the constant −g_E cancels here)
+    ∂L/∂q = scale Σ_j ∂L/∂z_j k_j,  ∂L/∂k_j = scale Σ_i ∂L/∂z_ij q_i,  ∂L/∂v_j = Σ_i S_ij dO_i
+
+    ∂kl/∂T̂_j = d_j + (T̂_j − S_j)/(T̂_j + ε) =: h_j,   w_j = g_T h_j T̂_j
+    ∂L/∂u0 = μ0 Σ_j w_j − Σ_j w_j (r_i − r_j)²,   μ0 = Σ_r p_i(r) (r_i − r)²   (u1: columns alike)
+    ∂L/∂σ = −∂L/∂u / σ³
+
+The target's normaliser enters through μ: ∂ log p_i(r)/∂u0 = −(r_i − r)² + μ0. The per-row sums
+over the grid are separable: Σ_j w_j (r_i − r_j)² = Σ_r (Σ_c w_(r,c)) (r_i − r)².
+
+Neither pass stores an N×M tensor: both run over blocks of query rows (each block against all M
+keys, sized for the cache as the lean forward's), and the backward recomputes each block's scores
+from q and k (flash attention's backward recomputes tiles the same way). Saved for the backward:
+q, k, v and σ only.
+
+`kl_grad` picks which factor the kl's gradient reaches (FOD's min-max scheme needs both kinds):
+"both" — S and T̂, autograd's gradient through the plain formulas; "split" — two kl outputs of
+equal value, `kl` reaching only S (sym-KL(T̂.detach(), S), the model's Div¹) and `kl_target`
+reaching only σ (sym-KL(T̂, S.detach()), Div²).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .i2corr import LOG_EPS, _rows_per_block, at_least_fp32, patch_positions
+
+KL_GRADS = ("both", "split")
+
+
+class I2CorrSplitOutput(NamedTuple):
+    out: torch.Tensor        # (B, H, N, Dh), dtype of q
+    kl: torch.Tensor         # (B, H, N): gradient reaches the attention S only (Div¹)
+    kl_target: torch.Tensor  # (B, H, N): same value, gradient reaches σ only (Div²)
+    entropy: torch.Tensor    # (B, H, N)
+
+
+def _compute_dtype(q: torch.Tensor, sigma: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(at_least_fp32(q).dtype, at_least_fp32(sigma).dtype)
+
+
+def _axis_target(inv: torch.Tensor, pos_i: torch.Tensor, size: int):
+    """One axis of the separable target for queries at positions pos_i (R,) with u = 1/(2σ²)
+    (B, H, R): -> p (B, H, R, size) = softmax over the axis, sq (R, size) = squared distances,
+    μ (B, H, R) = Σ p·sq."""
+    axis = torch.arange(size, device=inv.device, dtype=inv.dtype)
+    sq = (pos_i.to(inv.dtype)[:, None] - axis) ** 2
+    p = torch.softmax(-sq * inv[..., None], dim=-1)
+    return p, sq, (p * sq).sum(-1)
+
+
+class _BlockTerms(NamedTuple):
+    attn: torch.Tensor      # S (B, H, R, M)
+    log_attn: torch.Tensor  # log(S + ε)
+    target: torch.Tensor    # T̂ (B, H, R, M)
+    diff_log: torch.Tensor  # log(T̂ + ε) − log(S + ε)
+    rows: tuple             # p, sq, μ over grid rows
+    cols: tuple             # same over grid columns
+
+
+def _block_terms(q_blk, k_t, inv_blk, r_blk, c_blk, grid, scale) -> _BlockTerms:
+    """Everything of one block of query rows that the forward and the backward share."""
+    hg, wg = grid
+    attn = torch.softmax(torch.matmul(q_blk, k_t) * scale, dim=-1)
+    log_attn = torch.log(attn + LOG_EPS)
+    rows = _axis_target(inv_blk[..., 0], r_blk, hg)
+    cols = _axis_target(inv_blk[..., 1], c_blk, wg)
+    target = (rows[0].unsqueeze(-1) * cols[0].unsqueeze(-2)).flatten(-2)
+    diff_log = torch.log(target + LOG_EPS) - log_attn
+    return _BlockTerms(attn, log_attn, target, diff_log, rows, cols)
+
+
+def _split_kv_grad(grad: torch.Tensor, kv_batch: int) -> torch.Tensor:
+    """A gradient (B, H, M, Dh) of keys/values shared across the batch (Bk = 1) sums over B."""
+    return grad.sum(0, keepdim=True) if kv_batch != grad.shape[0] else grad
+
+
+class I2CorrFunction(torch.autograd.Function):
+    """apply(q, k, v, σ, grid, scale, block, split) -> (out, kl, kl_target, entropy).
+
+    q (B, H, N, Dh); k, v (B or 1, H, M, Dh); σ (B, H, N, 2), already floored (`safe_sigma`).
+    `kl` and `kl_target` hold the same values; with split=False the gradient of `kl` reaches S and
+    σ (and `kl_target` is unused), with split=True `kl`'s reaches S only and `kl_target`'s σ only.
+    Statistics run in at least fp32 (fp64 stays fp64); `out` has q's dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sigma, grid, scale, block, split):
+        b, h, n, _ = q.shape
+        ct = _compute_dtype(q, sigma)
+        k_t = k.to(ct).transpose(-1, -2)
+        vc = v.to(ct)
+        inv = 0.5 / sigma.to(ct).pow(2)
+        r_i, c_i = patch_positions(grid, q.device)
+        block = block or _rows_per_block(b, h, k.shape[2])
+        out = q.new_empty(q.shape)
+        kl = torch.empty(b, h, n, device=q.device, dtype=ct)
+        ent = torch.empty_like(kl)
+        for start in range(0, n, block):
+            rs = slice(start, start + block)
+            t = _block_terms(q[:, :, rs].to(ct), k_t, inv[:, :, rs], r_i[rs], c_i[rs], grid, scale)
+            out[:, :, rs] = torch.matmul(t.attn, vc)
+            kl[:, :, rs] = ((t.target - t.attn) * t.diff_log).sum(-1)
+            ent[:, :, rs] = -(t.attn * t.log_attn).sum(-1)
+        ctx.save_for_backward(q, k, v, sigma)
+        ctx.grid, ctx.scale, ctx.block, ctx.split = grid, scale, block, split
+        kl_target = kl.clone()
+        ctx.mark_non_differentiable(*([] if split else [kl_target]))
+        return out, kl, kl_target, ent
+
+    @staticmethod
+    def backward(ctx, g_out, g_kl, g_kl_target, g_ent):
+        q, k, v, sigma = ctx.saved_tensors
+        grid, scale, block = ctx.grid, ctx.scale, ctx.block
+        b, h, n, _ = q.shape
+        ct = _compute_dtype(q, sigma)
+        g_attn_kl = g_kl.to(ct)
+        g_target_kl = (g_kl_target if ctx.split else g_kl).to(ct)
+        g_ent = g_ent.to(ct)
+        g_out = g_out.to(ct)
+        kc, vc = k.to(ct), v.to(ct)
+        k_t, v_t = kc.transpose(-1, -2), vc.transpose(-1, -2)
+        sig = sigma.to(ct)
+        inv = 0.5 / sig.pow(2)
+        r_i, c_i = patch_positions(grid, q.device)
+        want_qkv = any(ctx.needs_input_grad[:3])
+        want_sigma = ctx.needs_input_grad[3]
+        dq = torch.zeros(q.shape, device=q.device, dtype=ct)
+        dk = torch.zeros(b, *k.shape[1:], device=q.device, dtype=ct)
+        dv = torch.zeros_like(dk)
+        du = torch.zeros(inv.shape, device=q.device, dtype=ct)
+        for start in range(0, n, block):
+            rs = slice(start, start + block)
+            q_blk = q[:, :, rs].to(ct)
+            t = _block_terms(q_blk, k_t, inv[:, :, rs], r_i[rs], c_i[rs], grid, scale)
+            gs, gt, ge = g_attn_kl[:, :, rs, None], g_target_kl[:, :, rs, None], g_ent[:, :, rs, None]
+            if want_qkv:
+                d_out = g_out[:, :, rs]
+                inv_attn = torch.reciprocal(t.attn + LOG_EPS)
+                # ∂L/∂S (without the row constant −g_E, which the softmax backward cancels)
+                g_attn = torch.matmul(d_out, v_t)
+                g_attn -= gs * t.diff_log + ge * t.log_attn
+                g_attn += inv_attn * (gs * (t.attn - t.target) + ge * LOG_EPS)
+                g_z = t.attn * (g_attn - (t.attn * g_attn).sum(-1, keepdim=True))
+                g_z *= scale
+                dq[:, :, rs] = torch.matmul(g_z, kc)
+                dk += torch.matmul(g_z.transpose(-1, -2), q_blk)
+                dv += torch.matmul(t.attn.transpose(-1, -2), d_out)
+            if want_sigma:
+                w = (t.diff_log + (t.target - t.attn) / (t.target + LOG_EPS)) * t.target * gt
+                w = w.unflatten(-1, grid)  # (B, H, R, Hg, Wg)
+                total = w.sum((-2, -1))
+                for axis, (_, sq, mu) in ((0, t.rows), (1, t.cols)):
+                    per_pos = w.sum(-1 if axis == 0 else -2)  # (B, H, R, Hg or Wg)
+                    du[:, :, rs, axis] = mu * total - (per_pos * sq).sum(-1)
+        d_sigma = -du / sig.pow(3) if want_sigma else None
+        if not want_qkv:
+            return None, None, None, d_sigma.to(sigma.dtype), None, None, None, None
+        return (dq.to(q.dtype), _split_kv_grad(dk, k.shape[0]).to(k.dtype),
+                _split_kv_grad(dv, v.shape[0]).to(v.dtype),
+                None if d_sigma is None else d_sigma.to(sigma.dtype), None, None, None, None)
+
+
+def i2corr_attention_grad(q, k, v, sigma, grid, scale: float, kl_grad: str = "both",
+                          block: int | None = None):
+    """The differentiable branch (inputs checked and σ floored by `i2corr_attention`).
+    -> I2CorrOutput-like (out, kl, entropy) for kl_grad="both", I2CorrSplitOutput for "split"."""
+    from .i2corr import I2CorrOutput
+
+    if kl_grad not in KL_GRADS:
+        raise ValueError(f"kl_grad must be one of {KL_GRADS}, got {kl_grad!r}")
+    split = kl_grad == "split"
+    out, kl, kl_target, ent = I2CorrFunction.apply(q, k, v, sigma, grid, scale, block, split)
+    return I2CorrSplitOutput(out, kl, kl_target, ent) if split else I2CorrOutput(out, kl, ent)
+
+
+def i2corr_reference_split(q, k, v, sigma, grid, scale: float) -> I2CorrSplitOutput:
+    """kl_grad="split" through the plain, materialised formulas (autograd; tests)."""
+    from .i2corr import attn_entropy, rbf_target_at, sym_kl
+
+    ct = _compute_dtype(q, sigma)
+    attn = torch.softmax(q.to(ct) @ k.to(ct).transpose(-1, -2) * scale, dim=-1)
+    r_i, c_i = patch_positions(grid, q.device)
+    target = rbf_target_at(sigma.to(ct), r_i, c_i, grid)
+    return I2CorrSplitOutput((attn @ v.to(ct)).to(q.dtype), sym_kl(target.detach(), attn),
+                             sym_kl(target, attn.detach()), attn_entropy(attn))
+
+
+__all__ = ["I2CorrFunction", "I2CorrSplitOutput", "KL_GRADS", "i2corr_attention_grad",
+           "i2corr_reference_split"]
