@@ -370,7 +370,8 @@ def _check_inputs(q, k, v, sigma, grid):
 
 
 def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_stats: bool = True,
-                     impl: str = "lean", block: int | None = None, kl_grad: str = "both"):
+                     impl: str = "lean", block: int | None = None, kl_grad: str = "both",
+                     compiled: bool = False):
     """One I2Correlation attention branch; differentiable in q, k, v and σ.
 
     q (B, H, N, Dh); k, v (B or 1, H, N, Dh) — intra: keys from x, inter: from the reference;
@@ -384,7 +385,8 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     Gradients: "reference" is autograd through the formulas; otherwise, when an input requires
     grad (or kl_grad="split"), the statistics come from `i2corr_grad.I2CorrFunction` (blocked
     torch, O(N) memory, any device). kl_grad: "both" (kl's gradient reaches S and σ) or "split"
-    (-> I2CorrSplitOutput: `kl` reaching S only, `kl_target` σ only; FOD's min-max losses).
+    (-> I2CorrSplitOutput: `kl` reaching S only, `kl_target` σ only; FOD's min-max losses);
+    `compiled` runs that function's blocks through torch.compile.
     """
     _check_inputs(q, k, v, sigma, grid)
     sigma = safe_sigma(sigma)
@@ -395,7 +397,7 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
             t.requires_grad for t in (q, k, v, sigma)))):
         from .i2corr_grad import i2corr_attention_grad  # imports this module
 
-        return i2corr_attention_grad(q, k, v, sigma, grid, scale, kl_grad, block)
+        return i2corr_attention_grad(q, k, v, sigma, grid, scale, kl_grad, block, compiled)
     if impl == "reference" and with_stats and kl_grad != "both":
         from .i2corr_grad import i2corr_reference_split
 

@@ -216,6 +216,7 @@ class I2CorrelationAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.sigma_proj = nn.Linear(d_model, 2 * n_heads)
         self.stats_fn = correlation_stats  # swapped for a compiled version by FOD.compile_stats
+        self.compiled = False  # the fused training branch's blocks through torch.compile (ditto)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -238,21 +239,20 @@ class I2CorrelationAttention(nn.Module):
         """
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
+        if loss_rows is None:
+            # Every query row: the fused branch (fastad.kernels.i2corr_grad), O(N) memory.
+            res = ops.i2corr_training(q, k, v, sigma, grid, scale=self.scale, compiled=self.compiled)
+            out = res.out.transpose(1, 2).reshape(b, n, h * dh)
+            return out, BranchStats(res.kl, res.kl_target, res.entropy)
         if k.shape[0] != b:  # a shared reference (batch 1)
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        if loss_rows is not None:
-            # Fused attention for the output; statistics on a subset of query rows.
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            out = out.transpose(1, 2).reshape(b, n, h * dh)
-            q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
-            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        else:
-            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            out = torch.matmul(torch.softmax(logits, dim=-1), v)
-            out = out.transpose(1, 2).reshape(b, n, h * dh)
+        # Fused attention for the output; statistics on a subset of query rows.
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, n, h * dh)
+        q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         r_i, c_i = patch_positions(grid, q.device)
-        if loss_rows is not None:
-            r_i, c_i = r_i[loss_rows], c_i[loss_rows]
+        r_i, c_i = r_i[loss_rows], c_i[loss_rows]
         return out, BranchStats(*self.stats_fn(at_least_fp32(logits), sigma, r_i, c_i, grid))
 
     def inference(self, x, kv, grid, *, with_kl: bool, impl: str):
@@ -412,6 +412,7 @@ class FOD(nn.Module):
         for module in self.modules():
             if isinstance(module, I2CorrelationAttention):
                 module.stats_fn = fn
+                module.compiled = True
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""
