@@ -41,7 +41,10 @@ Deliberate deviations (each is tested or numerically identical):
    on that final (blurred) map, whereas the authors compute pixel AUROC before the blur.
 6. Optional, off by default: `loss_queries` computes the divergence/entropy losses on a random
    subset of query rows per step (an unbiased estimate of their mean over queries) — a CPU-time
-   knob. The attention outputs and the reconstruction always use every query.
+   knob from before the fused branch. The attention outputs and the reconstruction always use
+   every query. By default (`loss_queries=0`) every query row trains, as the authors', through
+   the fused I2Correlation branch (`fastad.kernels.i2corr_grad`: O(N) memory, the same
+   gradients as the materialised formulas, tests/test_i2corr_grad.py).
 7. No checkpoint selection on the test set (the authors keep the best test-set epoch): the trainer
    runs a fixed schedule.
 8. Tokens are standardised per channel (mean/std of the training tokens) before both embeddings,
@@ -118,8 +121,9 @@ class FODConfig(JSONConfig):
     lr: float = 1e-4
     seed: int = 3407
     # Query rows per step in the KL/entropy losses at levels with more tokens than this
-    # (deviation 6); 0 = all rows, as the authors. 256 keeps CPU training within minutes.
-    loss_queries: int = 256
+    # (deviation 6); 0 = all rows, as the authors (the fused O(N)-memory branch; timings in
+    # docs/results.md, "FOD training in O(N) memory").
+    loss_queries: int = 0
     # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
     # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
     hypercolumn: bool = True
