@@ -370,9 +370,8 @@ def _check_inputs(q, k, v, sigma, grid):
 
 
 def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_stats: bool = True,
-                     impl: str = "lean", block: int | None = None, kl_grad: str = "both",
-                     compiled: bool = False):
-    """One I2Correlation attention branch; differentiable in q, k, v and σ.
+                     impl: str = "lean", block: int | None = None) -> I2CorrOutput:
+    """One I2Correlation attention branch, forward only.
 
     q (B, H, N, Dh); k, v (B or 1, H, N, Dh) — intra: keys from x, inter: from the reference;
     sigma (B, H, N, 2) already transformed (used in fp32, floored at SIGMA_MIN), [..., 0] with the row distance, [..., 1] with the
@@ -382,26 +381,12 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     impl: "lean" (blocked torch, `block` query rows at a time; default sized for the cache),
     "triton" (fp16/bf16/fp32 on CUDA, or CPU under TRITON_INTERPRET=1), "reference" (everything
     materialised).
-    Gradients: "reference" is autograd through the formulas; otherwise, when an input requires
-    grad (or kl_grad="split"), the statistics come from `i2corr_grad.I2CorrFunction` (blocked
-    torch, O(N) memory, any device). kl_grad: "both" (kl's gradient reaches S and σ) or "split"
-    (-> I2CorrSplitOutput: `kl` reaching S only, `kl_target` σ only; FOD's min-max losses);
-    `compiled` runs that function's blocks through torch.compile.
     """
     _check_inputs(q, k, v, sigma, grid)
     sigma = safe_sigma(sigma)
     grid = (int(grid[0]), int(grid[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = check_impl(impl, q)
-    if with_stats and impl != "reference" and (kl_grad != "both" or (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v, sigma)))):
-        from .i2corr_grad import i2corr_attention_grad  # imports this module
-
-        return i2corr_attention_grad(q, k, v, sigma, grid, scale, kl_grad, block, compiled)
-    if impl == "reference" and with_stats and kl_grad != "both":
-        from .i2corr_grad import i2corr_reference_split
-
-        return i2corr_reference_split(q, k, v, sigma, grid, scale)
     if impl == "triton":
         if q.dtype == torch.float64:
             raise ValueError("impl='triton' takes fp32/fp16/bf16, got float64")

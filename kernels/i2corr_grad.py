@@ -39,7 +39,10 @@ from typing import NamedTuple
 
 import torch
 
-from .i2corr import LOG_EPS, _rows_per_block, at_least_fp32, patch_positions
+from ._impl import check_impl
+from .i2corr import (LOG_EPS, I2CorrOutput, _check_inputs, _rows_per_block, at_least_fp32, attn_entropy,
+                     patch_positions, rbf_target_at, safe_sigma, sym_kl)
+from .i2corr import i2corr_attention as forward_attention
 
 KL_GRADS = ("both", "split")
 
@@ -208,14 +211,34 @@ class I2CorrFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def i2corr_attention_grad(q, k, v, sigma, grid, scale: float, kl_grad: str = "both",
-                          block: int | None = None, compiled: bool = False):
-    """The differentiable branch (inputs checked and σ floored by `i2corr_attention`).
-    -> I2CorrOutput-like (out, kl, entropy) for kl_grad="both", I2CorrSplitOutput for "split"."""
-    from .i2corr import I2CorrOutput
+def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_stats: bool = True,
+                     impl: str = "lean", block: int | None = None, kl_grad: str = "both",
+                     compiled: bool = False):
+    """One I2Correlation attention branch (the public `fastad.kernels.i2corr_attention`):
+    `fastad.kernels.i2corr.i2corr_attention`'s forward (shapes, dtypes and `impl` as there),
+    differentiable in q, k, v and σ.
 
+    Gradients: impl "reference" is autograd through the materialised formulas; otherwise, when
+    an input requires grad (or kl_grad="split"), the statistics come from `I2CorrFunction`
+    (blocked torch, O(N) memory, any device — also for impl "triton", which has no backward yet).
+    Without statistics the output is PyTorch's SDPA (differentiable, O(N) memory).
+    kl_grad: "both" — kl's gradient reaches S and σ; "split" -> I2CorrSplitOutput, `kl` reaching
+    S only and `kl_target` σ only (FOD's min-max losses). `compiled`: I2CorrFunction's blocks
+    through torch.compile.
+    """
     if kl_grad not in KL_GRADS:
         raise ValueError(f"kl_grad must be one of {KL_GRADS}, got {kl_grad!r}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sigma))
+    if not with_stats or (kl_grad == "both" and (impl == "reference" or not needs_grad)):
+        return forward_attention(q, k, v, sigma, grid, scale=scale, with_stats=with_stats, impl=impl,
+                                 block=block)
+    _check_inputs(q, k, v, sigma, grid)
+    check_impl(impl, q)
+    sigma = safe_sigma(sigma)
+    grid = (int(grid[0]), int(grid[1]))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "reference":
+        return i2corr_reference_split(q, k, v, sigma, grid, scale)
     split = kl_grad == "split"
     out, kl, kl_target, ent = I2CorrFunction.apply(q, k, v, sigma, grid, scale, block, split, compiled)
     return I2CorrSplitOutput(out, kl, kl_target, ent) if split else I2CorrOutput(out, kl, ent)
@@ -223,8 +246,6 @@ def i2corr_attention_grad(q, k, v, sigma, grid, scale: float, kl_grad: str = "bo
 
 def i2corr_reference_split(q, k, v, sigma, grid, scale: float) -> I2CorrSplitOutput:
     """kl_grad="split" through the plain, materialised formulas (autograd; tests)."""
-    from .i2corr import attn_entropy, rbf_target_at, sym_kl
-
     ct = _compute_dtype(q, sigma)
     attn = torch.softmax(q.to(ct) @ k.to(ct).transpose(-1, -2) * scale, dim=-1)
     r_i, c_i = patch_positions(grid, q.device)
@@ -233,5 +254,5 @@ def i2corr_reference_split(q, k, v, sigma, grid, scale: float) -> I2CorrSplitOut
                              sym_kl(target, attn.detach()), attn_entropy(attn))
 
 
-__all__ = ["I2CorrFunction", "I2CorrSplitOutput", "KL_GRADS", "i2corr_attention_grad",
+__all__ = ["I2CorrFunction", "I2CorrSplitOutput", "KL_GRADS", "i2corr_attention",
            "i2corr_reference_split"]
