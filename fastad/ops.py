@@ -2,7 +2,9 @@
 
 A model is built with `impl=` (one of IMPLS; training always uses "reference") and passes it to
 every op call; this module maps it onto `fastad.kernels`, the only importer of that package in
-fastad:
+fastad. FOD's training I2Correlation (every query row, with gradients) goes through
+`i2corr_training` whatever the impl: the differentiable blocked branch of
+`fastad.kernels.i2corr_grad`.
 
     reference  the formulas as written in torch — what training, the parity tests and the ONNX
                export use. I2Correlation runs in blocks of 256 query rows (the kernels' blocked

@@ -45,6 +45,10 @@ from .i2corr import (LOG_EPS, I2CorrOutput, _check_inputs, _rows_per_block, at_l
 from .i2corr import i2corr_attention as forward_attention
 
 KL_GRADS = ("both", "split")
+# Elements of one (B, H, rows, M) tile: 2²⁰ (4 MB fp32) — 128 query rows at B = 1, H = 8, N = 1024,
+# the fastest of 32–256 rows forward + backward, eager and compiled (docs/results.md, "FOD
+# training in O(N) memory").
+TILE_BUDGET = 1 << 20
 
 
 class I2CorrSplitOutput(NamedTuple):
@@ -167,7 +171,7 @@ class I2CorrFunction(torch.autograd.Function):
         vc = v.to(ct)
         inv = 0.5 / sigma.to(ct).pow(2)
         r_i, c_i = patch_positions(grid, q.device)
-        block = block or _rows_per_block(b, h, k.shape[2])
+        block = block or _rows_per_block(b, h, k.shape[2], budget=TILE_BUDGET)
         out = q.new_empty(q.shape)
         kl = torch.empty(b, h, n, device=q.device, dtype=ct)
         ent = torch.empty_like(kl)
