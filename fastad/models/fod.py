@@ -39,12 +39,15 @@ Deliberate deviations (each is tested or numerically identical):
 5. The Gaussian blur runs inside the model (separable conv, scipy's `reflect` boundary and
    `truncate=4.0`) so that the exported graph produces the final map; pixel metrics are computed
    on that final (blurred) map, whereas the authors compute pixel AUROC before the blur.
-6. Optional, off by default: `loss_queries` computes the divergence/entropy losses on a random
-   subset of query rows per step (an unbiased estimate of their mean over queries) — a CPU-time
-   knob from before the fused branch. The attention outputs and the reconstruction always use
-   every query. By default (`loss_queries=0`) every query row trains, as the authors', through
-   the fused I2Correlation branch (`fastad.kernels.i2corr_grad`: O(N) memory, the same
-   gradients as the materialised formulas, tests/test_i2corr_grad.py).
+6. `loss_queries` (default 256) computes the divergence/entropy losses on a random subset of
+   query rows per step at levels with more tokens than that (an unbiased estimate of their mean
+   over queries) — a CPU-time knob: level 0 (N = 1024) uses 256 rows, level 1 (N = 256) every
+   row. The attention outputs and the reconstruction always use every query. Every query row
+   (`loss_queries=0`, the authors' training) runs through the fused I2Correlation branch
+   (`fastad.kernels.i2corr_grad`: O(N) memory, the gradients of the materialised formulas,
+   tests/test_i2corr_grad.py), as does every level with at most `loss_queries` tokens; it costs
+   1.4–1.6× the default's CPU time per step, which puts bottle's 8 epochs at about 27–32 min on
+   this 2-core CPU, so it is not the default yet (docs/results.md, "FOD training in O(N) memory").
 7. No checkpoint selection on the test set (the authors keep the best test-set epoch): the trainer
    runs a fixed schedule.
 8. Tokens are standardised per channel (mean/std of the training tokens) before both embeddings,
@@ -121,9 +124,9 @@ class FODConfig(JSONConfig):
     lr: float = 1e-4
     seed: int = 3407
     # Query rows per step in the KL/entropy losses at levels with more tokens than this
-    # (deviation 6); 0 = all rows, as the authors (the fused O(N)-memory branch; timings in
-    # docs/results.md, "FOD training in O(N) memory").
-    loss_queries: int = 0
+    # (deviation 6); 0 = all rows, as the authors (the fused O(N)-memory branch). 256 keeps CPU
+    # training of bottle within 30 minutes (timings: docs/results.md, "FOD training in O(N) memory").
+    loss_queries: int = 256
     # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
     # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
     hypercolumn: bool = True
