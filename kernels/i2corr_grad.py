@@ -19,8 +19,8 @@ and g_E (of the entropy), all per query row:
     ∂L/∂u0 = μ0 Σ_j w_j − Σ_j w_j (r_i − r_j)²,   μ0 = Σ_r p_i(r) (r_i − r)²   (u1: columns alike)
     ∂L/∂σ = −∂L/∂u / σ³
 
-The target's normaliser enters through μ: ∂ log p_i(r)/∂u0 = −(r_i − r)² + μ0. The per-row sums
-over the grid are separable: Σ_j w_j (r_i − r_j)² = Σ_r (Σ_c w_(r,c)) (r_i − r)².
+The target's normaliser enters through μ: ∂ log p_i(r)/∂u0 = −(r_i − r)² + μ0, and μ needs only
+the query's row (column) factor, O(Hg + Wg) per query.
 
 Neither pass stores an N×M tensor: both run over blocks of query rows (each block against all M
 keys, sized for the cache as the lean forward's), and the backward recomputes each block's scores
@@ -105,9 +105,10 @@ def forward_block(q_blk, k_t, v, inv_blk, r_blk, c_blk, grid: tuple[int, int], s
             -(t.attn * t.log_attn).sum(-1))
 
 
-def backward_block(q_blk, k, v, inv_blk, r_blk, c_blk, d_out, g_attn_kl, g_target_kl, g_ent,
-                   grid: tuple[int, int], scale: float):
-    """Gradients of one block of R query rows (upstream d_out (B, H, R, Dh), the rest (B, H, R)):
+def backward_block(q_blk, k, v, inv_blk, r_blk, c_blk, r_keys, c_keys, d_out, g_attn_kl, g_target_kl,
+                   g_ent, grid: tuple[int, int], scale: float):
+    """Gradients of one block of R query rows at grid rows / columns r_blk, c_blk (R,) against
+    keys at r_keys, c_keys (M,) (upstream d_out (B, H, R, Dh), the rest (B, H, R)):
     -> dq (B, H, R, Dh), this block's share of dk and dv (B, H, M, Dh), ∂L/∂u (B, H, R, 2)."""
     t = _block_terms(q_blk, k.transpose(-1, -2), inv_blk, r_blk, c_blk, grid, scale)
     gs, gt, ge = g_attn_kl[..., None], g_target_kl[..., None], g_ent[..., None]
@@ -119,11 +120,13 @@ def backward_block(q_blk, k, v, inv_blk, r_blk, c_blk, d_out, g_attn_kl, g_targe
     dk = torch.matmul(g_z.transpose(-1, -2), q_blk)
     dv = torch.matmul(t.attn.transpose(-1, -2), d_out)
     w = (t.diff_log + (t.target - t.attn) / (t.target + LOG_EPS)) * t.target * gt
-    w = w.unflatten(-1, grid)  # (B, H, R, Hg, Wg)
-    total = w.sum((-2, -1))
-    (_, sq_r, mu_r), (_, sq_c, mu_c) = t.rows, t.cols
-    du_r = mu_r * total - (w.sum(-1) * sq_r).sum(-1)
-    du_c = mu_c * total - (w.sum(-2) * sq_c).sum(-1)
+    # Squared row / column distances of each (query, key) pair, as broadcasts: compiled, they are
+    # index arithmetic inside the one loop that also forms w and its three row sums.
+    dist_r = (r_blk[:, None] - r_keys) ** 2
+    dist_c = (c_blk[:, None] - c_keys) ** 2
+    total = w.sum(-1)
+    du_r = t.rows[2] * total - (w * dist_r).sum(-1)
+    du_c = t.cols[2] * total - (w * dist_c).sum(-1)
     return dq, dk, dv, torch.stack([du_r, du_c], -1)
 
 
@@ -197,7 +200,7 @@ class I2CorrFunction(torch.autograd.Function):
         kc, vc = k.to(ct), v.to(ct)
         sig = sigma.to(ct)
         inv = 0.5 / sig.pow(2)
-        r_i, c_i = patch_positions(grid, q.device)
+        r_i, c_i = (p.to(ct) for p in patch_positions(grid, q.device))
         dq = torch.empty(q.shape, device=q.device, dtype=ct)
         dk = torch.zeros(b, *k.shape[1:], device=q.device, dtype=ct)
         dv = torch.zeros_like(dk)
@@ -206,7 +209,7 @@ class I2CorrFunction(torch.autograd.Function):
             rs = slice(start, start + block)
             dq[:, :, rs], dk_part, dv_part, du[:, :, rs] = _run_compiled(
                 1, ctx.compiled, q[:, :, rs].to(ct), kc, vc, inv[:, :, rs], r_i[rs], c_i[rs],
-                g_out[:, :, rs], g_attn_kl[:, :, rs], g_target_kl[:, :, rs], g_ent[:, :, rs], grid, scale)
+                r_i, c_i, g_out[:, :, rs], g_attn_kl[:, :, rs], g_target_kl[:, :, rs], g_ent[:, :, rs], grid, scale)
             dk += dk_part
             dv += dv_part
         d_sigma = -du / sig.pow(3)  # u = 1/(2σ²)
