@@ -10,6 +10,13 @@ Implementations timed on the same inputs:
   sdpa    torch.nn.functional.scaled_dot_product_attention: plain attention, no statistics —
           the speed-of-light reference for the attention part
 
+Training records (`"mode": "train"`, beside the inference records): forward + backward of one
+branch with FOD's losses (mean output, Div¹ with the prior detached, Div² with the attention
+detached, entropy) — "eager" is autograd through the authors' formulation above, "lean" the
+fused O(N)-memory branch (`i2corr_attention(kl_grad="split")`, fastad.kernels.i2corr_grad),
+"lean-compiled" the same with its blocks through torch.compile (what FOD training uses); their
+gradients are compared with the lean branch's before timing.
+
 Before timing, every implementation's result is compared with the lean path's on the same
 inputs (parity before speed; the lean path itself is tested against the float64 reference in
 tests/test_kernels_i2corr.py) and the max abs error is stored in the record.
@@ -39,11 +46,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fastad.kernels import i2corr_attention
 from fastad.kernels.i2corr import I2CorrOutput, i2corr_forward_lean, i2corr_forward_triton
 from fastad.utils import atomic_path, library_versions, write_json
 
 HEADS = 8
 IMPLS = ("eager", "lean", "triton", "sdpa")
+# Training records (forward + backward with the losses): no Triton backward exists yet, so a
+# differentiable call on CUDA also runs the lean branch.
+TRAIN_IMPLS = ("eager", "lean", "lean-compiled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +67,22 @@ def eager_i2corr(q, k, v, sigma, grid, scale, with_stats):
     out = torch.einsum("bhls,bhsd->bhld", attn, v)
     if not with_stats:
         return I2CorrOutput(out)
+    target = eager_target(sigma, grid, b, h, n)
+    attn = attn.float()
+    entropy = torch.sum(-attn * torch.log(attn + 0.0001), dim=-1)
+    return I2CorrOutput(out, kl_loss(target, attn) + kl_loss(attn, target), entropy)
+
+
+def kl_loss(p, r):
+    """The authors' `kl_loss` per query row (their mean over heads is the caller's job)."""
+    return torch.sum(p * (torch.log(p + 0.0001) - torch.log(r + 0.0001)), dim=-1)
+
+
+def eager_target(sigma, grid, b, h, n):
+    """The authors' prior: σ and squared distances repeated to (B, H, N, N), the Gaussian with its
+    1/(2πσσ) prefactor, divided by its repeated row sum."""
     wg = grid[1]
-    pos = torch.arange(n, device=q.device)
+    pos = torch.arange(n, device=sigma.device)
     distances_y = (((pos // wg)[:, None] - (pos // wg)[None, :]) ** 2).float()
     distances_x = (((pos % wg)[:, None] - (pos % wg)[None, :]) ** 2).float()
     sigma1 = sigma[..., 0].unsqueeze(-1).repeat(1, 1, 1, n)
@@ -66,14 +91,37 @@ def eager_i2corr(q, k, v, sigma, grid, scale, with_stats):
     distances_x = distances_x.unsqueeze(0).unsqueeze(0).repeat(b, h, 1, 1)
     target = 1.0 / (2 * math.pi * sigma1 * sigma2) * torch.exp(
         -distances_y / (2 * sigma1 ** 2) - distances_x / (2 * sigma2 ** 2))
-    target = target / torch.unsqueeze(torch.sum(target, dim=-1), dim=-1).repeat(1, 1, 1, n)
-    attn = attn.float()
+    return target / torch.unsqueeze(torch.sum(target, dim=-1), dim=-1).repeat(1, 1, 1, n)
 
-    def kl_loss(p, r):
-        return torch.sum(p * (torch.log(p + 0.0001) - torch.log(r + 0.0001)), dim=-1)
 
+def eager_i2corr_train(q, k, v, sigma, grid, scale):
+    """The authors' training statistics of one branch, op for op: -> (out, Div¹, Div², entropy),
+    Div¹ with the prior detached (reaches the attention), Div² with the attention detached
+    (reaches σ), as their min-max trainer forms them."""
+    b, h, n, _ = q.shape
+    attn = torch.softmax(torch.einsum("bhld,bhsd->bhls", q, k) * scale, dim=-1)
+    out = torch.einsum("bhls,bhsd->bhld", attn, v)
+    target = eager_target(sigma, grid, b, h, n)
+    div1 = kl_loss(target.detach(), attn) + kl_loss(attn, target.detach())
+    div2 = kl_loss(target, attn.detach()) + kl_loss(attn.detach(), target)
     entropy = torch.sum(-attn * torch.log(attn + 0.0001), dim=-1)
-    return I2CorrOutput(out, kl_loss(target, attn) + kl_loss(attn, target), entropy)
+    return out, div1, div2, entropy
+
+
+def train_impl(impl, q, k, v, sigma, grid, scale) -> tuple[torch.Tensor, ...]:
+    """Forward + backward of one branch with FOD's losses (output, Div¹, Div², entropy, each
+    mean-reduced) -> the gradients of q, k, v, σ. "lean" is the fused O(N)-memory branch
+    (`i2corr_attention(kl_grad="split")`, eager blocks; "lean-compiled" through torch.compile)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sigma)]
+    if impl == "eager":
+        out, div1, div2, ent = eager_i2corr_train(*leaves, grid, scale)
+    elif impl in ("lean", "lean-compiled"):
+        out, div1, div2, ent = i2corr_attention(*leaves, grid, scale=scale, kl_grad="split",
+                                                compiled=impl == "lean-compiled")
+    else:
+        raise ValueError(f"no training path for {impl!r}")
+    (out.float().mean() - 0.5 * div1.mean() + 0.5 * div2.mean() - 0.5 * ent.mean()).backward()
+    return tuple(t.grad for t in leaves)
 
 
 def run_impl(impl, q, k, v, sigma, grid, scale, with_stats):
@@ -128,7 +176,10 @@ def _rss_kb(field: str) -> int:
 def child_cpu_peak_mb(spec: dict) -> float:
     """In a fresh process: extra peak RSS of one call over the RSS with inputs in place."""
     q, k, v, sigma, grid = make_inputs(spec["N"], spec["B"], spec["Dh"], getattr(torch, spec["dtype"]), "cpu")
-    call = lambda: run_impl(spec["impl"], q, k, v, sigma, grid, spec["Dh"] ** -0.5, spec["with_stats"])  # noqa: E731
+    if spec.get("mode") == "train":
+        call = lambda: train_impl(spec["impl"], q, k, v, sigma, grid, spec["Dh"] ** -0.5)  # noqa: E731
+    else:
+        call = lambda: run_impl(spec["impl"], q, k, v, sigma, grid, spec["Dh"] ** -0.5, spec["with_stats"])  # noqa: E731
     call()  # page in the code paths and thread pools; its memory goes back (see the parent's env)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
     base = _rss_kb("VmRSS")
@@ -195,8 +246,8 @@ def sweep(args, device) -> list[dict]:
                     for impl in impls:
                         if impl == "sdpa" and with_stats:
                             continue
-                        spec = {"impl": impl, "N": n, "B": b, "H": HEADS, "Dh": args.head_dim,
-                                "dtype": dtype_name, "with_stats": with_stats}
+                        spec = {"mode": "infer", "impl": impl, "N": n, "B": b, "H": HEADS,
+                                "Dh": args.head_dim, "dtype": dtype_name, "with_stats": with_stats}
                         fn = lambda: run_impl(impl, q, k, v, sigma, grid, scale, with_stats)  # noqa: E731
                         try:
                             spec["max_abs_err_vs_lean"] = max_abs_err(fn(), lean_stats)
@@ -210,6 +261,35 @@ def sweep(args, device) -> list[dict]:
                             torch.cuda.empty_cache()
                         records.append(spec)
                         print(json.dumps(spec), flush=True)
+                if args.train:
+                    records += train_records(args, device, q, k, v, sigma, grid, scale)
+    return records
+
+
+def train_records(args, device, q, k, v, sigma, grid, scale) -> list[dict]:
+    """`"mode": "train"` records: forward + backward of one branch with the losses; the
+    gradients compared with the lean branch's before timing."""
+    b, _, n, _ = q.shape
+    records = []
+    lean_grads = train_impl("lean", q, k, v, sigma, grid, scale)
+    for impl in args.train:
+        spec = {"mode": "train", "impl": impl, "N": n, "B": b, "H": HEADS, "Dh": args.head_dim,
+                "dtype": str(q.dtype).removeprefix("torch."), "with_stats": True}
+        fn = lambda: train_impl(impl, q, k, v, sigma, grid, scale)  # noqa: E731
+        try:
+            grads = fn()
+            spec["max_abs_err_vs_lean"] = {name: float((g.float() - ref.float()).abs().max())
+                                           for name, g, ref in zip(("dq", "dk", "dv", "dsigma"), grads, lean_grads)}
+            spec["ms"] = median_ms(fn, device)
+            spec["peak_mem_mb"] = peak_mem_mb(spec, fn, device)
+        except torch.cuda.OutOfMemoryError:
+            spec.update(ms=None, peak_mem_mb=None, skipped="out of GPU memory")
+        except Exception as exc:  # noqa: BLE001 - one failing impl must not lose the sweep
+            spec.update(ms=None, peak_mem_mb=None, skipped=f"error: {type(exc).__name__}: {exc}"[:300])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        records.append(spec)
+        print(json.dumps(spec), flush=True)
     return records
 
 
@@ -218,18 +298,26 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              "ms = median per call; peak = extra memory of one call over its inputs; "
              "× eager = eager time / this time (same shape, dtype and stats).", "",
-             "| N | B | dtype | stats | impl | ms | × eager | peak MB | max abs err vs lean |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    eager = {(r["N"], r["B"], r["dtype"], r["with_stats"]): r.get("ms") for r in result["records"]
-             if r["impl"] == "eager"}
+             "mode: infer = forward only; train = forward + backward of the branch with FOD's losses "
+             "(the error column then compares gradients).", "",
+             "| mode | N | B | dtype | stats | impl | ms | × eager | peak MB | × less memory | max abs err vs lean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def key(r):
+        return r.get("mode", "infer"), r["N"], r["B"], r["dtype"], r["with_stats"]
+
+    eager = {key(r): r for r in result["records"] if r["impl"] == "eager"}
     for r in result["records"]:
-        base = eager.get((r["N"], r["B"], r["dtype"], r["with_stats"]))
+        base = eager.get(key(r), {}).get("ms")
+        base_mem = eager.get(key(r), {}).get("peak_mem_mb")
+        less_mem = f"{base_mem / r['peak_mem_mb']:.1f}" if base_mem and r.get("peak_mem_mb") else "—"
         speedup = f"{base / r['ms']:.1f}" if base and r.get("ms") else "—"
         ms = f"{r['ms']:.3f}" if r.get("ms") is not None else r.get("skipped", "—")
         mem = f"{r['peak_mem_mb']:.1f}" if r.get("peak_mem_mb") is not None else "—"
         err = ", ".join(f"{k} {v:.1e}" for k, v in r.get("max_abs_err_vs_lean", {}).items())
-        lines.append(f"| {r['N']} | {r['B']} | {r['dtype']} | {'yes' if r['with_stats'] else 'no'} "
-                     f"| {r['impl']} | {ms} | {speedup} | {mem} | {err} |")
+        lines.append(f"| {r.get('mode', 'infer')} | {r['N']} | {r['B']} | {r['dtype']} "
+                     f"| {'yes' if r['with_stats'] else 'no'} | {r['impl']} | {ms} | {speedup} | {mem} "
+                     f"| {less_mem} | {err} |")
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +334,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=["float32", "float16"] if cuda else ["float32"],
                    choices=["float32", "float16", "bfloat16"])
     p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impl", nargs="*", default=list(IMPLS), choices=IMPLS,
+                   help="inference records for these; none: --impl")
+    p.add_argument("--train", nargs="*", default=list(TRAIN_IMPLS), choices=TRAIN_IMPLS,
+                   help="training records (forward + backward with losses) for these; none: --train")
     p.add_argument("--out", help="JSON path (default bench/results/kernels-<device>.json); "
                                  "the Markdown table goes beside it")
     args = p.parse_args(argv)

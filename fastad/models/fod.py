@@ -42,7 +42,12 @@ Deliberate deviations (each is tested or numerically identical):
 6. On by default (`loss_queries = 256`; 0 = every row, as the authors): the divergence/entropy
    losses are computed on a random subset of 256 query rows per step at levels with more tokens
    (stride 8: 1,024), an unbiased estimate of their mean over queries — a CPU-time knob. The
-   attention outputs and the reconstruction always use every query.
+   attention outputs and the reconstruction always use every query. Every query row
+   (`loss_queries=0`, the authors' training) runs through the fused I2Correlation branch
+   (`fastad.kernels.i2corr_grad`: O(N) memory, the gradients of the materialised formulas,
+   tests/test_i2corr_grad.py), as does every level with at most `loss_queries` tokens; its CPU
+   cost per step keeps it from being the default on a CPU (docs/results.md, "FOD training in
+   O(N) memory").
 7. No checkpoint selection on the test set (the authors keep the best test-set epoch): the trainer
    runs a fixed schedule.
 8. Tokens are standardised per channel (mean/std of the training tokens) before both embeddings,
@@ -141,7 +146,8 @@ class FODConfig(JSONConfig):
     lr: float = 1e-4
     seed: int = 3407
     # Query rows per step in the KL/entropy losses at levels with more tokens than this
-    # (deviation 6); 0 = all rows, as the authors. 256 keeps CPU training within minutes.
+    # (deviation 6); 0 = all rows, as the authors (the fused O(N)-memory branch). 256 keeps CPU
+    # training of bottle within 30 minutes (timings: docs/results.md, "FOD training in O(N) memory").
     loss_queries: int = 256
     # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
     # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
@@ -242,6 +248,7 @@ class I2CorrelationAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.sigma_proj = nn.Linear(d_model, 2 * n_heads)
         self.stats_fn = correlation_stats  # swapped for a compiled version by FOD.compile_stats
+        self.compiled = False  # the fused training branch's blocks through torch.compile (ditto)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -264,21 +271,20 @@ class I2CorrelationAttention(nn.Module):
         """
         q, k, v, sigma = self.project(x, kv)
         b, h, n, dh = q.shape
+        if loss_rows is None:
+            # Every query row: the fused branch (fastad.kernels.i2corr_grad), O(N) memory.
+            res = ops.i2corr_training(q, k, v, sigma, grid, scale=self.scale, compiled=self.compiled)
+            out = res.out.transpose(1, 2).reshape(b, n, h * dh)
+            return out, BranchStats(res.kl, res.kl_target, res.entropy)
         if k.shape[0] != b:  # a shared reference (batch 1)
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        if loss_rows is not None:
-            # Fused attention for the output; statistics on a subset of query rows.
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-            out = out.transpose(1, 2).reshape(b, n, h * dh)
-            q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
-            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        else:
-            logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            out = torch.matmul(torch.softmax(logits, dim=-1), v)
-            out = out.transpose(1, 2).reshape(b, n, h * dh)
+        # Fused attention for the output; statistics on a subset of query rows.
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b, n, h * dh)
+        q, sigma = q[:, :, loss_rows], sigma[:, :, loss_rows]
+        logits = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         r_i, c_i = patch_positions(grid, q.device)
-        if loss_rows is not None:
-            r_i, c_i = r_i[loss_rows], c_i[loss_rows]
+        r_i, c_i = r_i[loss_rows], c_i[loss_rows]
         return out, BranchStats(*self.stats_fn(at_least_fp32(logits), sigma, r_i, c_i, grid))
 
     def inference(self, x, kv, grid, *, with_kl: bool, impl: str):
@@ -438,6 +444,7 @@ class FOD(nn.Module):
         for module in self.modules():
             if isinstance(module, I2CorrelationAttention):
                 module.stats_fn = fn
+                module.compiled = True
 
     def tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> per-level smoothed tokens [(B, N_l, C_l)]."""
