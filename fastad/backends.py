@@ -10,12 +10,13 @@ chosen once when the model is built (see `fastad.ops`):
 A run directory also runs at a `precision` (PRECISIONS): the model's weights and activations in
 that dtype, the correlation statistics in fp32 (as in the fp16 ONNX export).
 
-An exported file runs through its engine: onnx (onnxruntime) or tensorrt (a serialized engine).
+An exported file runs through its engine: onnx (onnxruntime), openvino (an IR on the CPU, fp32
+or bf16, from an fp32 or int8 file) or tensorrt (a serialized engine).
 """
 from __future__ import annotations
 
 RUN_BACKENDS = ("torch", "torch-lean", "triton")
-FILE_BACKENDS = ("onnx", "tensorrt")
+FILE_BACKENDS = ("onnx", "openvino", "tensorrt")
 BACKENDS = RUN_BACKENDS + FILE_BACKENDS
 
 # Run-directory backend -> implementation of the hot ops (fastad.ops.IMPLS).

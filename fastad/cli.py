@@ -174,9 +174,11 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from fastad.export import CheckReport, export_engine, export_onnx
+    from fastad.export import CheckReport, export_engine, export_onnx, export_openvino
 
     t0 = time.perf_counter()
+    if args.int8 and args.format != "openvino":
+        raise FastADError("--int8 applies to --format openvino")
     if args.format == "triton":
         from fastad.export.triton import export_triton
 
@@ -189,6 +191,11 @@ def cmd_export(args) -> int:
     if args.format == "onnx":
         side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
         print("\n".join(CheckReport.from_summary(side["trt_check"]).lines()))
+    elif args.format == "openvino":
+        if args.fp16:
+            raise FastADError("--fp16 does not apply to OpenVINO IR: export fp32 and run it with --precision bf16, "
+                              "or quantise with --int8")
+        side = export_openvino(args.run, args.out, int8=args.int8, calibration=args.calibration)
     else:
         side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
                              opt_batch=args.opt_batch, max_batch=args.max_batch,
@@ -389,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX, a TensorRT engine or a Triton model repository")
     p.add_argument("--run", required=True, help="run directory written by fastad train")
-    p.add_argument("--format", required=True, choices=["onnx", "engine", "triton"])
-    p.add_argument("--out", required=True, help="model.onnx or model.engine (a .json sidecar is written next to it); "
-                   "triton: the model repository folder")
+    p.add_argument("--format", required=True, choices=["onnx", "engine", "openvino", "triton"])
+    p.add_argument("--out", required=True, help="model.onnx, model.engine or model.xml (OpenVINO; + model.bin); a .json "
+                   "sidecar goes next to it; triton: the model repository folder")
+    p.add_argument("--int8", action="store_true",
+                   help="openvino: NNCF INT8 post-training quantisation, calibrated on normal images")
+    p.add_argument("--calibration", help="openvino --int8: folder of normal images (default: the run's training data)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")

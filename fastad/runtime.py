@@ -187,6 +187,46 @@ class TensorRTEngine:
         return amap.cpu().numpy(), score.cpu().numpy()
 
 
+class OpenVINOEngine:
+    """An exported OpenVINO IR (.xml + .bin) on the CPU. `precision` is OpenVINO's
+    INFERENCE_PRECISION_HINT: fp32, or bf16 on CPUs with AVX512-BF16/AMX (an int8 file keeps its
+    quantised products and runs the rest at that precision)."""
+
+    max_batch = None
+    model = None
+    HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+    def __init__(self, path, device: str = "auto", precision: str = "fp32", threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise FastADError("OpenVINO is not installed: pip install openvino") from None
+        if device not in ("auto", "cpu"):
+            raise FastADError(f"device {device}: fastad runs OpenVINO IR on the CPU (use --device cpu)")
+        if precision not in self.HINTS:
+            raise FastADError(f"precision {precision}: OpenVINO runs at {' or '.join(self.HINTS)} on the CPU")
+        path = Path(path)
+        self.meta = _meta_from_sidecar(path)
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise FastADError("precision bf16: this CPU has no bf16 support (AVX512-BF16 or AMX); use fp32")
+        config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision]}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(str(path), "CPU", config)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+            raise FastADError(f"cannot load {path} with OpenVINO: {str(e).strip().splitlines()[0]}") from None
+        self.name, self.device, self.precision = "openvino", "cpu", precision
+        self.meta["precision"] = f"{self.meta.get('precision')}+{precision}" if self.meta.get("precision") == "int8" else precision
+        self._request = self.compiled.create_infer_request()
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        res = self._request.infer({0: batch})
+        amap, score = res[self.compiled.output("anomaly_map")], res[self.compiled.output("score")]
+        return np.asarray(amap, np.float32).copy(), np.asarray(score, np.float32).copy()
+
+
 def open_engine(path, backend: str = "auto", device: str = "auto", precision: str = "fp32"):
     """Pick the engine for `path`: a run directory (torch backends, at `precision`), .onnx, or
     .engine/.plan (their precision is the file's)."""
@@ -197,25 +237,30 @@ def open_engine(path, backend: str = "auto", device: str = "auto", precision: st
         raise FastADError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if not path.exists():
         raise FastADError(f"{path} does not exist")
-    if not path.is_dir() and precision != "fp32":
-        raise FastADError(f"{path}: precision {precision} applies to run directories; an exported file "
-                          "runs at the precision it was exported with (fastad export --fp16)")
+    if not path.is_dir() and path.suffix != ".xml" and precision != "fp32":
+        raise FastADError(f"{path}: precision {precision} applies to run directories and OpenVINO IR; an "
+                          "exported .onnx / engine runs at the precision it was exported with (fastad export --fp16)")
     if path.is_dir():
         if backend == "auto":
             backend = "triton" if device != "cpu" and torch.cuda.is_available() else "torch"
         if backend not in RUN_BACKENDS:
+            fmt = {"onnx": "onnx", "openvino": "openvino"}.get(backend, "engine")
             raise FastADError(f"backend {backend} needs an exported file, not a run directory: "
-                              f"fastad export --run {path} --format {'onnx' if backend == 'onnx' else 'engine'} --out ...")
+                              f"fastad export --run {path} --format {fmt} --out ...")
         return TorchEngine(path, backend, device, precision)
     if path.suffix == ".onnx":
         if backend not in ("auto", "onnx"):
             raise FastADError(f"{path} is an ONNX model: use backend onnx (or auto)")
         return OnnxEngine(path, device)
+    if path.suffix == ".xml":
+        if backend not in ("auto", "openvino"):
+            raise FastADError(f"{path} is an OpenVINO IR: use backend openvino (or auto)")
+        return OpenVINOEngine(path, device, precision)
     if path.suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
             raise FastADError(f"{path} is a TensorRT engine: use backend tensorrt (or auto)")
         return TensorRTEngine(path, device)
-    raise FastADError(f"{path}: expected a run directory, an .onnx file or a TensorRT "
+    raise FastADError(f"{path}: expected a run directory, an .onnx file, an OpenVINO .xml or a TensorRT "
                       f"{'/'.join(ENGINE_SUFFIXES)} file")
 
 
