@@ -3,6 +3,7 @@
     python bench/build_kernels_aot.py                       # sm_90, sm_89, sm_87, sm_80 × fp32/fp16/bf16
     python bench/build_kernels_aot.py --arch 90 --dtype fp16
     python bench/build_kernels_aot.py --rewrite             # problems + table again from the json
+    python bench/build_kernels_aot.py --update              # build only configs the json lacks
 
 Each kernel × variant (constexprs) × dtype × arch — the launchers' default configs and every
 config of the I2Correlation autotune grid (`fastad.kernels.aot`) — is compiled to a cubin; the
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "kernels-aot.json")
     p.add_argument("--md", type=Path, default=RESULTS / "kernels-aot.md")
     p.add_argument("--rewrite", action="store_true", help="re-derive problems and the table from --json")
+    p.add_argument("--update", action="store_true",
+                   help="keep --json's records of configs still launched, build only the missing ones")
     args = p.parse_args(argv)
 
     if args.rewrite:
@@ -78,19 +81,34 @@ def main(argv=None) -> int:
         for r in result["records"]:
             r["pruned"] = aot.pruned(as_build(r))
         return finish(result, args)
+    old = json.loads(args.json.read_text()) if args.update else {"records": []}
+    recorded = {record_key(r): r for r in old["records"]}
     records = []
     for arch in args.arch:
         for dtype in args.dtype:
             for config in aot.launch_configs(dtype, autotune=True):
+                key = record_key({"kernel": config.kernel, "constexprs": config.constexprs, "dtype": dtype,
+                                  "arch": arch, "num_warps": config.num_warps})
+                if key in recorded:
+                    records.append(recorded[key] | {"pruned": aot.pruned(as_build(recorded[key]))})
+                    continue
                 build = aot.build(config, dtype, arch)
                 records.append(build._asdict() | {"gpus": aot.ARCHS[arch], "pruned": aot.pruned(build),
                                                   "shared_limit_bytes": aot.SHARED_LIMIT_BYTES[arch]})
                 print(f"sm_{arch} {dtype} {build.kernel} {variant(build.constexprs)}: {build.registers} regs, "
                       f"{build.spill_bytes + build.local_bytes} B spilled, {build.shared_bytes} B shared, "
                       f"{build.build_s} s", flush=True)
-    result = {"versions": library_versions(), "command": " ".join(["python", "bench/build_kernels_aot.py", *argv]),
-              "archs": args.arch, "dtypes": args.dtype, "records": records}
+    command = " ".join(["python", "bench/build_kernels_aot.py", *argv])
+    result = {"versions": library_versions(), "command": command, "archs": args.arch, "dtypes": args.dtype,
+              "records": records}
+    if args.update:
+        result["command"] = f"{old['command']}, then {command}"
     return finish(result, args)
+
+
+def record_key(r: dict) -> str:
+    """One build's identity: kernel, constexprs, dtype, arch, warps."""
+    return json.dumps([r["kernel"], r["constexprs"], r["dtype"], r["arch"], r["num_warps"]], sort_keys=True)
 
 
 def as_build(record: dict) -> aot.Build:

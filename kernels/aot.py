@@ -77,21 +77,20 @@ def i2corr_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> l
     upcast; that is an interpreter workaround)."""
     import torch
 
-    from .i2corr import AUTOTUNE_CONFIGS, _i2corr_fwd_kernel, gpu_launch
+    from .i2corr import AUTOTUNE_CONFIGS, _i2corr_fwd_kernel, block_d, gpu_launch
 
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    launches = AUTOTUNE_CONFIGS if autotune else (gpu_launch(torch_dtype),)
     tensor = "*" + dtype
     strides = [f"s{t}{a}" for t in "qkv" for a in "bhnd"] + ["ssb", "ssh", "ssn", "ssc"] \
         + [f"so{a}" for a in "bhnd"]
     signature = {"Q": tensor, "K": tensor, "V": tensor, "Sigma": "*fp32", "Out": tensor, "KL": "*fp32",
                  "Ent": "*fp32"} | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
     return [KernelConfig("_i2corr_fwd_kernel", _i2corr_fwd_kernel, signature,
-                         {"HEAD_DIM": dh, "BLOCK_D": max(16, triton.next_power_of_2(dh)),
+                         {"HEAD_DIM": dh, "BLOCK_D": block_d(dh),
                           "BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
                           "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False},
                          num_warps=launch.num_warps)
-            for launch in launches for dh in head_dims]
+            for dh in head_dims for launch in (AUTOTUNE_CONFIGS if autotune else (gpu_launch(torch_dtype, dh),))]
 
 
 def pruned(b: Build) -> bool:

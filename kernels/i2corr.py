@@ -16,12 +16,41 @@ For one head and query row i (patch i at row r_i = i // W, column c_i = i % W of
 (FOD, Yao et al. ICCV 2023, Eq. 3–5, 12; the `+1e-4` and the sym-KL are the authors' code at
 xcyao00/FOD@7d36ddc, `losses.py` / `trainer.py`.) The 1/(2πσ0σ1) prefactor cancels in the
 normalisation; the normaliser is separable, so log Σ_j = logsumexp over grid rows + logsumexp
-over grid columns — O(H + W) per query, computed by the launcher in fp32.
+over grid columns — O(H + W) per query, in fp32 (inside the Triton kernel).
 
-The Triton kernel never writes an N×M tensor: pass 1 is flash attention (online max / sum and
-the output); the `+ε` terms need the *normalised* S, so pass 2 recomputes q·kᵀ with the final
-row max and sum and accumulates kl and entropy with T̂ generated from positions on the fly.
-Two passes over the keys is the exact minimum: log(S + ε) cannot be rescaled online.
+Without statistics (FOD's intra branches at inference) every path is plain attention, which
+PyTorch's SDPA computes (`plain_attention`). With them, the Triton kernel never writes an N×M
+tensor and runs as one launch (σ's fp32 floor and the
+target's normaliser are computed inside it). Per program: BLOCK_M query rows of one (batch,
+head); pass 1 is flash attention (online max m and sum l, the output); the `+ε` terms need the
+*normalised* S, so pass 2 recomputes q·kᵀ and reads S = 2^(qk − lse₂) with lse₂ = m + log2 l
+(no division by the row sum), T̂ generated from positions on the fly. Two passes over the keys is
+the exact minimum: log(S + ε) cannot be rescaled online. A backward pass needs only lse₂ per row.
+Choices, each exact (parity tests against float64):
+  - exp2/log2 throughout (the GPU's native MUFU ops): log2(e) is folded into the logit scale and
+    into a = log2(e)/(2σ²); kl and entropy are summed in log2 units and scaled by ln 2 per row;
+  - key tiles whose grid rows lie so far from the tile's queries that T̂ < 2^−150 for all of
+    them (bounded from the smallest a₀ of the tile and the row gap) are exactly 0 in fp32 and
+    skip the target: (0 − S)(log ε − log(S + ε)) needs no exp2/log2 of T̂;
+  - tensor-core dots for fp16/bf16, IEEE fp32 dots only for fp32 inputs;
+  - not adopted: T̂ as an outer product of row and column factors. With key tiles contiguous in
+    n, both factors vary per element; tiles shaped as grid rectangles would need the (BLOCK_M,
+    rows, cols) product re-laid-out into the dot's layout through shared memory, which costs
+    about what the exp2 it saves does (16 elements/clk/SM either way) and wastes lanes on grid
+    widths that are not a multiple of the tile. The separable normaliser is used (O(H + W)).
+
+Work per (query, key) pair, N = M = 1024, B = H = 8, Dh = 32 (6.7e7 pairs), against public H100
+SXM peaks (989 TFLOP/s dense fp16 tensor core; 67 TFLOP/s fp32 = 3.35e13 ALU ops/s; MUFU 16
+ops/clk/SM × 132 SMs × 1.83 GHz = 3.87e12 ops/s):
+  - tensor core: q·kᵀ twice + P·V = 6·Dh = 192 FLOP/pair → 13 µs;
+  - MUFU: 5 transcendentals/pair (pass 1: exp2; pass 2: exp2 S, log2(S + ε), exp2 T̂,
+    log2(T̂ + ε)) → 87 µs; 3/pair on skipped tiles → 52 µs;
+  - ALU: ~26 fp32/int ops/pair (scale, mask, max, sums, distances, the kl product) → 52 µs.
+The bound is MUFU, ≈ 87 µs (52 µs where every tile skips the target). SDPA on the same shapes
+does 1 MUFU op/pair (17 µs bound), so the bounds' ratio is 5× (3× with every tile skipped): the
+"≤ 3× SDPA" goal holds only if SDPA runs below ~60% of its own bound or σ is small. Next step
+if measured short: evaluate part of the exp2s with FMA polynomials on the ALU pipe (as
+FlashAttention-4 does). None of this is measured yet: no GPU has been lent (docs/results.md).
 
 The lean torch path computes one softmax per block of query rows and serves both the output and
 the statistics; it is plain MatMul / Softmax / Log / ReduceSum, so it is also what the ONNX
@@ -228,31 +257,40 @@ class LaunchConfig(NamedTuple):
 
 
 # The autotune grid (GPU): one list for every dtype, keyed on (N, Dh) (Triton adds the dtypes),
-# pruned per dtype and head dim by `spills_registers`. bench/build_kernels_aot.py builds every
+# pruned per dot kind and head dim by `spills_registers`. bench/build_kernels_aot.py builds every
 # entry for sm_90/89/87/80 and records which spill (bench/results/kernels-aot.md).
 AUTOTUNE_CONFIGS = (
     LaunchConfig(64, 64, 4), LaunchConfig(64, 32, 4), LaunchConfig(64, 32, 8),
-    LaunchConfig(64, 16, 8), LaunchConfig(32, 32, 4),
+    LaunchConfig(64, 16, 8), LaunchConfig(32, 32, 4), LaunchConfig(32, 16, 4), LaunchConfig(16, 16, 4),
 )
-# The config each dtype falls back on when a launch passes no autotuned choice: the AOT test
-# builds these (tests/test_kernels_compile.py).
-TENSOR_CORE_LAUNCH = LaunchConfig(64, 64, 4)
-IEEE_LAUNCH = LaunchConfig(64, 16, 8)
 # The interpreter runs a tile as numpy arrays, so its cost is per tile: one large fixed config.
 INTERPRETER_LAUNCH = LaunchConfig(block_m=128, block_n=128, num_warps=4)
-# Logits-tile elements per thread above which a config spills (see `spills_registers`).
-IEEE_TILE_PER_THREAD_MAX = 8
-TENSOR_CORE_TILE_PER_THREAD_MAX = 32
+# Largest logits tile (BLOCK_M × BLOCK_N elements) that built without a spill on every recorded
+# arch (sm_80–sm_90): tensor-core dots at Dh 32 and 64; IEEE fp32 dots at Dh 32 (BLOCK_D = 32),
+# shrinking with BLOCK_D² (see `spills_registers`).
+TENSOR_CORE_TILE_MAX = 64 * 32
+IEEE_TILE_MAX_AT_D32 = 32 * 32
+
+
+def block_d(head_dim: int) -> int:
+    """The kernel's head-dim tile: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def spills_registers(config: LaunchConfig, ieee_dot: bool, head_dim: int) -> bool:
-    """The named prune predicate of the autotune grid: True where a build spills registers on one
-    of sm_80–sm_90 (tests/test_kernels_compile.py checks it against every build recorded in
-    bench/results/kernels-aot.json). Pass 2 holds about five (BLOCK_M, BLOCK_N) fp32 tiles live
-    (logits, S, log S, T̂, the kl term), spread over 32·num_warps threads; IEEE fp32 dots also
-    keep whole operand fragments per thread, so they tolerate fewer elements per thread."""
-    per_thread = config.block_m * config.block_n // (32 * config.num_warps)
-    return per_thread > (IEEE_TILE_PER_THREAD_MAX if ieee_dot else TENSOR_CORE_TILE_PER_THREAD_MAX)
+    """The named prune predicate of the autotune grid: True for the configs whose build spilled
+    registers on one of sm_80–sm_90 (tests/test_kernels_compile.py checks it against every build
+    recorded in bench/results/kernels-aot.json, Dh 32 and 64). Pass 2 keeps about five
+    (BLOCK_M, BLOCK_N) fp32 tiles live (logits, S, log S, T̂, the kl term): what spills is the
+    tile area, not the elements per thread (several 8-warp builds were held to 128 registers
+    and spilled like the 4-warp build of the same area). Tensor-core dots keep their operands in
+    shared memory and fit 64 × 32 at either head dim; IEEE fp32 dots run on the FMA units with
+    operand rows of BLOCK_D per thread, and the tile that fits shrinks with BLOCK_D² (32 × 32 at
+    Dh 32, 16 × 16 at Dh 64, where 32 × 16 already spilled; bench/results/kernels-aot.md)."""
+    area = config.block_m * config.block_n
+    if ieee_dot:
+        return area * (block_d(head_dim) // 32) ** 2 > IEEE_TILE_MAX_AT_D32
+    return area > TENSOR_CORE_TILE_MAX
 
 
 def autotune_configs(dtype: torch.dtype, head_dim: int) -> list[LaunchConfig]:
@@ -260,9 +298,10 @@ def autotune_configs(dtype: torch.dtype, head_dim: int) -> list[LaunchConfig]:
     return [c for c in AUTOTUNE_CONFIGS if not spills_registers(c, dtype == torch.float32, head_dim)]
 
 
-def gpu_launch(dtype: torch.dtype) -> LaunchConfig:
-    """The fixed launch for a dtype (explicit-default; the AOT test builds these)."""
-    return IEEE_LAUNCH if dtype == torch.float32 else TENSOR_CORE_LAUNCH
+def gpu_launch(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """The fixed GPU launch for a dtype and head dim — the largest tile the autotuner may try,
+    used when a call passes some but not all of the block sizes; the AOT test builds these."""
+    return max(autotune_configs(dtype, head_dim), key=lambda c: (c.block_m * c.block_n, -c.num_warps))
 
 
 def launch_grid(n: int, batch_heads: int, block_m: int) -> tuple[int]:
@@ -273,17 +312,19 @@ def launch_grid(n: int, batch_heads: int, block_m: int) -> tuple[int]:
     return (programs,)
 
 
-if triton is not None and not interpreting():
-    def _prune_spilling(configs, named_args, **kwargs):
-        """early_config_prune: drop the configs `spills_registers` names for this launch."""
-        return [c for c in configs if not spills_registers(
-            LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps), kwargs["DOT_PRECISION"] == "ieee",
-            kwargs["HEAD_DIM"])]
+def prune_spilling(configs, named_args, **kwargs):
+    """The autotuner's early_config_prune: drop the triton.Configs `spills_registers` names for
+    this launch (its constexprs say the dot kind and the head dim)."""
+    return [c for c in configs if not spills_registers(
+        LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps), kwargs["DOT_PRECISION"] == "ieee",
+        kwargs["HEAD_DIM"])]
 
+
+if triton is not None and not interpreting():  # the interpreter runs INTERPRETER_LAUNCH only
     _i2corr_fwd_autotuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps)
                  for c in AUTOTUNE_CONFIGS],
-        key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_spilling},
+        key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune_spilling},
     )(_i2corr_fwd_kernel)
 
 
@@ -309,12 +350,12 @@ def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
     ent = torch.empty_like(kl)
     args = (q, k, v, sigma, out, kl, ent, *q.stride(), *k.stride(), *v.stride(), *sigma.stride(),
             *out.stride(), h, n, grid[0], grid[1], scale * LOG2E)
-    consts = dict(HEAD_DIM=dh, BLOCK_D=max(16, triton.next_power_of_2(dh)), DOT_PRECISION=dot_precision(q.dtype),
+    consts = dict(HEAD_DIM=dh, BLOCK_D=block_d(dh), DOT_PRECISION=dot_precision(q.dtype),
                   UPCAST=_upcast(q.dtype))
     if block_m is None and block_n is None and num_warps is None and not interpreting():
         _i2corr_fwd_autotuned[lambda meta: launch_grid(n, b * h, meta["BLOCK_M"])](*args, **consts)
     else:
-        fixed = INTERPRETER_LAUNCH if interpreting() else gpu_launch(q.dtype)
+        fixed = INTERPRETER_LAUNCH if interpreting() else gpu_launch(q.dtype, dh)
         block_m, block_n = block_m or fixed.block_m, block_n or fixed.block_n
         _i2corr_fwd_kernel[launch_grid(n, b * h, block_m)](
             *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or fixed.num_warps)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -51,25 +52,30 @@ def test_problems_names_spills_and_shared_memory_over_the_limit():
 
 
 def test_autotune_prune_predicate_matches_the_recorded_builds():
-    """`spills_registers` prunes a (config, dtype, head dim) exactly when its build spilled on one
-    of the recorded archs, and the record covers every config of the current grid: regenerate it
-    with `python bench/build_kernels_aot.py` after changing the kernel or the grid."""
-    from fastad.kernels.i2corr import AUTOTUNE_CONFIGS, LaunchConfig, spills_registers
+    """`spills_registers` prunes a (config, dot kind, head dim) — IEEE dots for fp32, tensor cores
+    for fp16/bf16 — exactly when one of its recorded builds spilled (any arch, either dtype of
+    the kind), and the record covers every config of the current grid: after changing the kernel
+    or the grid, regenerate it with `python bench/build_kernels_aot.py` (or `--update`)."""
+    from fastad.kernels.i2corr import AUTOTUNE_CONFIGS, LaunchConfig, gpu_launch, spills_registers
 
     result = json.loads((Path(__file__).resolve().parents[1] / "bench/results/kernels-aot.json").read_text())
     spilled: dict[tuple, bool] = {}
+    builds = set()
     for r in result["records"]:
         if r["kernel"] != "_i2corr_fwd_kernel":
             continue
         c = r["constexprs"]
-        key = (LaunchConfig(c["BLOCK_M"], c["BLOCK_N"], r["num_warps"]), r["dtype"], c["HEAD_DIM"])
+        config = LaunchConfig(c["BLOCK_M"], c["BLOCK_N"], r["num_warps"])
+        builds.add((config, r["dtype"], c["HEAD_DIM"], r["arch"]))
+        key = (config, c["DOT_PRECISION"] == "ieee", c["HEAD_DIM"])
         spilled[key] = spilled.get(key, False) or bool(r["spill_bytes"] or r["local_bytes"])
-    archs = {r["arch"] for r in result["records"]}
-    assert archs == {90, 89, 87, 80}
-    expected = {(c, d, dh) for c in AUTOTUNE_CONFIGS for d in ("fp32", "fp16", "bf16") for dh in (32, 64)}
-    assert set(spilled) == expected, "the recorded builds do not match the autotune grid"
-    wrong = [(key, did) for key, did in spilled.items()
-             if spills_registers(key[0], key[1] == "fp32", key[2]) != did]
-    assert wrong == [], f"predicate vs recorded spills (True = spilled): {wrong}"
+    expected = {(c, d, dh, a) for c in AUTOTUNE_CONFIGS for d in ("fp32", "fp16", "bf16") for dh in (32, 64)
+                for a in (90, 89, 87, 80)}
+    assert builds == expected, "the recorded builds do not match the autotune grid"
+    wrong = {key: did for key, did in spilled.items() if spills_registers(*key) != did}
+    assert wrong == {}, f"predicate vs recorded spills (config, ieee, head dim) -> spilled: {wrong}"
     assert any(spilled.values()) and not all(spilled.values())  # it does prune, and keeps some
+    for dtype in (torch.float32, torch.float16):
+        for dh in (32, 64):
+            assert not spills_registers(gpu_launch(dtype, dh), dtype == torch.float32, dh)
     assert result["problems"] == []

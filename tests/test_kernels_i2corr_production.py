@@ -2,10 +2,11 @@
 statement of the paper's formulas, and the launch grid for any B·H.
 
 The other kernel tests run 16×16 tiles on N ≤ 65; here the GPU's tiles (passed explicitly, so
-the interpreter runs them too) meet N = 1024 (16 query × 16 key tiles of 64) and ragged N, in
-fp16 and bf16 with B = 2, and every autotune config runs once. Under the interpreter one case
-runs in `make test` (~7 s of CPU); the rest are `slow` there and run in full on a GPU
-(bench/gpu_session.sh).
+the interpreter runs them too) meet N = 1024 (16 query × 32 key tiles at the fp16 default of
+64 × 32) and ragged N, in fp16, bf16 and fp32 with B = 2, and every autotune config the pruning
+keeps (at Dh 32 or 64) runs once per dtype. Under the interpreter one case runs in `make test`
+(the fp16 default at N = 1024); the rest are `slow` there (the interpreter's cost is per tile)
+and run in full on a GPU (bench/gpu_session.sh).
 """
 from __future__ import annotations
 
@@ -69,20 +70,21 @@ def production_inputs(b=2, h=1, grid=(32, 32), dh=32, dtype=torch.float16, seed=
 
 
 def tile_cases():
-    """(dtype, grid, config): the GPU default at N = 1024 in make test (fp16); every distinct tile
-    shape of the autotune grid once per dtype, and ragged N, behind `slow` on CPU."""
-    default = gpu_launch(torch.float16)
+    """(dtype, grid, config): the GPU default at N = 1024 in make test (fp16, Dh 32); every
+    config the autotuner may pick (Dh 32 or 64) once per dtype, and ragged N, behind `slow` on
+    CPU (the interpreter ignores num_warps, so there configs differing only in warps repeat)."""
+    default = gpu_launch(torch.float16, 32)
     yield pytest.param(torch.float16, (32, 32), default, id="fp16-N1024-default")
-    seen = set()
+    seen = {(torch.float16, default)}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for c in autotune_configs(dtype, 32):
-            if (dtype, c.block_m, c.block_n) in seen or (dtype == torch.float16 and c == default):
+        for c in autotune_configs(dtype, 32) + autotune_configs(dtype, 64):
+            if (dtype, c) in seen:
                 continue
-            seen.add((dtype, c.block_m, c.block_n))  # the interpreter ignores num_warps
+            seen.add((dtype, c))
             yield pytest.param(dtype, (32, 32), c, marks=slow_on_cpu,
                                id=f"{str(dtype)[6:]}-N1024-{c.block_m}x{c.block_n}x{c.num_warps}")
     for dtype, grid in ((torch.float16, (25, 40)), (torch.bfloat16, (1, 257)), (torch.float32, (25, 40))):
-        c = gpu_launch(dtype)
+        c = gpu_launch(dtype, 32)
         yield pytest.param(dtype, grid, c, marks=slow_on_cpu,
                            id=f"{str(dtype)[6:]}-N{grid[0] * grid[1]}-ragged")
 
@@ -99,12 +101,13 @@ def test_triton_at_production_tiles(dtype, grid, config):
 
 
 def test_every_autotune_config_is_covered_once():
-    """The production cases above run each tile shape the autotuner may pick, for every dtype."""
-    covered = {(p.values[0], p.values[2].block_m, p.values[2].block_n) for p in tile_cases()}
+    """The production cases above run each config the autotuner may pick, for every dtype."""
+    covered = {(p.values[0], p.values[2]) for p in tile_cases()}
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for c in autotune_configs(dtype, 32) + autotune_configs(dtype, 64):
-            assert (dtype, c.block_m, c.block_n) in covered, (dtype, c)
-    assert gpu_launch(torch.float16) in AUTOTUNE_CONFIGS and gpu_launch(torch.float32) in AUTOTUNE_CONFIGS
+        for dh in (32, 64):
+            for c in autotune_configs(dtype, dh):
+                assert (dtype, c) in covered, (dtype, c)
+            assert gpu_launch(dtype, dh) in autotune_configs(dtype, dh)
 
 
 # fp32: max abs error ≤ 1e-4 against the literal float64 formulas for out, kl and entropy.
@@ -169,3 +172,19 @@ def test_launch_grid_fits_any_batch_times_heads():
     assert seen == {(m, head) for m in range(3) for head in range(5)}
     with pytest.raises(ValueError, match="grid limit"):
         launch_grid(16_384, 2 ** 24, 64)
+
+
+def test_autotuner_prunes_with_the_named_predicate():
+    """The GPU autotuner's early_config_prune keeps exactly `autotune_configs` for each dtype."""
+    triton = pytest.importorskip("triton")
+    from fastad.kernels.i2corr import dot_precision, prune_spilling
+
+    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps)
+               for c in AUTOTUNE_CONFIGS]
+    for dtype in (torch.float32, torch.float16):
+        for dh in (32, 64):
+            kept = prune_spilling(configs, {}, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                                  HEAD_DIM=dh)
+            got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+            assert got == [tuple(c) for c in autotune_configs(dtype, dh)] and got, (dtype, dh)
+    assert dot_precision(torch.float32) == "ieee"
