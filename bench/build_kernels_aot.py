@@ -2,16 +2,22 @@
 
     python bench/build_kernels_aot.py                       # sm_90, sm_89, sm_87, sm_80 × fp32/fp16/bf16
     python bench/build_kernels_aot.py --arch 90 --dtype fp16
+    python bench/build_kernels_aot.py --rewrite             # problems + table again from the json
+    python bench/build_kernels_aot.py --update              # build only configs the json lacks
 
-Each kernel × variant (constexprs) × dtype × arch, in the launchers' default configs
-(`fastad.kernels.aot`), is compiled to a cubin; the record holds registers per thread, spills
-(stack / local bytes per thread), shared memory per block against the arch's limit, and the
-build time. Writes bench/results/kernels-aot.json and a Markdown table beside it; exits 1 when a
-build spills or exceeds its shared-memory limit.
+Each kernel × variant (constexprs) × dtype × arch — the launchers' default configs and every
+config of the I2Correlation autotune grid (`fastad.kernels.aot`) — is compiled to a cubin; the
+record holds registers per thread, spills (stack / local bytes per thread), shared memory per
+block against the arch's limit, the build time, and whether the autotuner's prune predicate
+(`spills_registers`) drops the config. Writes bench/results/kernels-aot.json and a Markdown table
+beside it; exits 1 when a build the autotuner may launch spills or exceeds its shared-memory
+limit. `--rewrite` re-derives the problems and the table from the json (after a change of the
+predicate) without building.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def variant(constexprs: dict) -> str:
     """The constexprs that vary between launches (the rest follow from them or never change)."""
-    keys = ("HEAD_DIM", "WITH_STATS", "BLOCK_M", "BLOCK_N", "L2", "HAS_WEIGHT", "BLOCK_R", "BLOCK_C")
+    keys = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "L2", "HAS_WEIGHT", "BLOCK_R", "BLOCK_C")
     return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items() if k in keys)
 
 
@@ -40,17 +46,19 @@ def markdown(result: dict) -> str:
     lines = ["# Triton kernels built ahead of time", "", f"`{result['command']}` — triton "
              f"{result['versions'].get('triton')}, torch {result['versions']['torch']}", "",
              "Per cell: registers per thread / spill bytes per thread (stack + local) / shared memory "
-             "per block in KB. Limits per block: "
+             "per block in KB; \"pruned\": the autotuner's `spills_registers` drops the config (it "
+             "never launches, so a spill there is no problem). Limits per block: "
              + ", ".join(f"sm_{a} {aot.SHARED_LIMIT_BYTES[a] // 1024} KB" for a in archs) + ".", "",
-             "| kernel | variant | dtype | warps | " + " | ".join(f"sm_{a} ({aot.ARCHS[a]})" for a in archs) + " |",
-             "|---|---|---|---|" + "---|" * len(archs)]
+             "| kernel | variant | dtype | warps | pruned | " + " | ".join(f"sm_{a} ({aot.ARCHS[a]})" for a in archs)
+             + " |", "|---|---|---|---|---|" + "---|" * len(archs)]
     rows: dict[tuple, dict] = {}
     for r in result["records"]:
-        rows.setdefault((r["kernel"], variant(r["constexprs"]), r["dtype"], r["num_warps"]), {})[r["arch"]] = r
-    for (kernel, var, dtype, warps), by_arch in rows.items():
+        rows.setdefault((r["kernel"], variant(r["constexprs"]), r["dtype"], r["num_warps"], r["pruned"]),
+                        {})[r["arch"]] = r
+    for (kernel, var, dtype, warps, pruned), by_arch in rows.items():
         cells = [f"{r['registers']} / {r['spill_bytes'] + r['local_bytes']} / {r['shared_bytes'] / 1024:.1f}"
                  if (r := by_arch.get(a)) else "—" for a in archs]
-        lines.append(f"| {kernel} | {var} | {dtype} | {warps} | " + " | ".join(cells) + " |")
+        lines.append(f"| {kernel} | {var} | {dtype} | {warps} | {'yes' if pruned else ''} | " + " | ".join(cells) + " |")
     problems = result["problems"]
     lines += ["", "Problems: " + ("none" if not problems else ""), *[f"- {p}" for p in problems]]
     return "\n".join(lines) + "\n"
@@ -63,21 +71,53 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=list(aot.DTYPES), choices=list(aot.DTYPES))
     p.add_argument("--json", type=Path, default=RESULTS / "kernels-aot.json")
     p.add_argument("--md", type=Path, default=RESULTS / "kernels-aot.md")
+    p.add_argument("--rewrite", action="store_true", help="re-derive problems and the table from --json")
+    p.add_argument("--update", action="store_true",
+                   help="keep --json's records of configs still launched, build only the missing ones")
     args = p.parse_args(argv)
 
+    if args.rewrite:
+        result = json.loads(args.json.read_text())
+        for r in result["records"]:
+            r["pruned"] = aot.pruned(as_build(r))
+        return finish(result, args)
+    old = json.loads(args.json.read_text()) if args.update else {"records": []}
+    recorded = {record_key(r): r for r in old["records"]}
     records = []
     for arch in args.arch:
         for dtype in args.dtype:
-            for config in aot.launch_configs(dtype):
+            for config in aot.launch_configs(dtype, autotune=True):
+                key = record_key({"kernel": config.kernel, "constexprs": config.constexprs, "dtype": dtype,
+                                  "arch": arch, "num_warps": config.num_warps})
+                if key in recorded:
+                    records.append(recorded[key] | {"pruned": aot.pruned(as_build(recorded[key]))})
+                    continue
                 build = aot.build(config, dtype, arch)
-                records.append(build._asdict() | {"gpus": aot.ARCHS[arch],
+                records.append(build._asdict() | {"gpus": aot.ARCHS[arch], "pruned": aot.pruned(build),
                                                   "shared_limit_bytes": aot.SHARED_LIMIT_BYTES[arch]})
                 print(f"sm_{arch} {dtype} {build.kernel} {variant(build.constexprs)}: {build.registers} regs, "
                       f"{build.spill_bytes + build.local_bytes} B spilled, {build.shared_bytes} B shared, "
                       f"{build.build_s} s", flush=True)
-    problems = [p for r in records for p in aot.problems(aot.Build(**{k: r[k] for k in aot.Build._fields}))]
-    result = {"versions": library_versions(), "command": " ".join(["python", "bench/build_kernels_aot.py", *argv]),
-              "archs": args.arch, "dtypes": args.dtype, "records": records, "problems": problems}
+    command = " ".join(["python", "bench/build_kernels_aot.py", *argv])
+    result = {"versions": library_versions(), "command": command, "archs": args.arch, "dtypes": args.dtype,
+              "records": records}
+    if args.update:
+        result["command"] = f"{old['command']}, then {command}"
+    return finish(result, args)
+
+
+def record_key(r: dict) -> str:
+    """One build's identity: kernel, constexprs, dtype, arch, warps."""
+    return json.dumps([r["kernel"], r["constexprs"], r["dtype"], r["arch"], r["num_warps"]], sort_keys=True)
+
+
+def as_build(record: dict) -> aot.Build:
+    return aot.Build(**{k: record[k] for k in aot.Build._fields})
+
+
+def finish(result: dict, args) -> int:
+    """Problems of the builds the autotuner may launch; the json and the table."""
+    problems = result["problems"] = [p for r in result["records"] for p in aot.problems(as_build(r))]
     write_json(args.json, result)
     with atomic_path(args.md) as tmp:
         tmp.write_text(markdown(result))

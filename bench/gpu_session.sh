@@ -29,7 +29,7 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has kernels; then
 step "kernel parity suite on the GPU"
-$PY -m pytest -q tests/test_kernels_i2corr.py \
+$PY -m pytest -q tests/test_kernels_i2corr.py tests/test_kernels_i2corr_production.py \
     tests/test_kernels_feature_distance.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -5
 
 step "kernel benchmark"

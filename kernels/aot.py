@@ -7,8 +7,8 @@ memory and static shared memory from the cubin. Triton's own shared memory is dy
 from the compiled kernel's metadata.
 
 Read top-down: target archs and their limits → the launch configs (what the launchers in
-`i2corr.py` / `feature_distance.py` pass; there is no autotune grid yet) → one build →
-all builds. Used by `bench/build_kernels_aot.py` (the table in bench/results/) and
+`i2corr.py` / `feature_distance.py` pass by default, and I2Correlation's autotune grid) → one
+build → all builds. Used by `bench/build_kernels_aot.py` (the table in bench/results/) and
 `tests/test_kernels_compile.py` (no spills, shared memory within the arch's limit).
 
 Kernels must be defined with TRITON_INTERPRET unset: import this module in a process without it.
@@ -70,26 +70,39 @@ def _launcher_defaults(launcher) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def i2corr_configs(dtype: str, head_dims=HEAD_DIMS) -> list[KernelConfig]:
-    """`i2corr_forward_triton`'s launch: its default tiles and warps for the dtype, IEEE dots for
-    fp32 only (GPU builds never upcast; that is an interpreter workaround)."""
+def i2corr_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> list[KernelConfig]:
+    """`i2corr_forward_triton`'s launches for one dtype: its fixed default (`gpu_launch`), or with
+    `autotune` every entry of AUTOTUNE_CONFIGS — including the ones `spills_registers` prunes, so
+    that the records show the predicate is right. IEEE dots for fp32 only (GPU builds never
+    upcast; that is an interpreter workaround)."""
     import torch
 
-    from .i2corr import _i2corr_fwd_kernel, gpu_launch
+    from .i2corr import AUTOTUNE_CONFIGS, _i2corr_fwd_kernel, block_d, gpu_launch
 
-    launch = gpu_launch({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     tensor = "*" + dtype
-    strides = [f"s{t}{a}" for t in "qkvo" for a in "bhnd"]
-    signature = {"Q": tensor, "K": tensor, "V": tensor, "InvTwoSigmaSq": "*fp32", "LogNorm": "*fp32",
-                 "Out": tensor, "KL": "*fp32", "Ent": "*fp32"} | _ints(strides + ["H", "N", "M", "GRID_W"]) \
-        | {"scale": "fp32"}
+    strides = [f"s{t}{a}" for t in "qkv" for a in "bhnd"] + ["ssb", "ssh", "ssn", "ssc"] \
+        + [f"so{a}" for a in "bhnd"]
+    signature = {"Q": tensor, "K": tensor, "V": tensor, "Sigma": "*fp32", "Out": tensor, "KL": "*fp32",
+                 "Ent": "*fp32"} | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
     return [KernelConfig("_i2corr_fwd_kernel", _i2corr_fwd_kernel, signature,
-                         {"HEAD_DIM": dh, "BLOCK_D": max(16, triton.next_power_of_2(dh)),
-                          "BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n, "WITH_STATS": stats,
-                          "IEEE_DOT": dtype == "fp32", "UPCAST": False},
+                         {"HEAD_DIM": dh, "BLOCK_D": block_d(dh),
+                          "BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False},
                          num_warps=launch.num_warps)
-            for dh in head_dims for stats in (True, False)]
+            for dh in head_dims for launch in (AUTOTUNE_CONFIGS if autotune else (gpu_launch(torch_dtype, dh),))]
+
+
+def pruned(b: Build) -> bool:
+    """Whether the I2Correlation autotuner's prune predicate (`spills_registers`) drops this
+    build's config: such configs never launch, so their spills are no problem."""
+    from .i2corr import LaunchConfig, spills_registers
+
+    if b.kernel != "_i2corr_fwd_kernel":
+        return False
+    c = b.constexprs
+    return spills_registers(LaunchConfig(c["BLOCK_M"], c["BLOCK_N"], b.num_warps), c["DOT_PRECISION"] == "ieee",
+                            c["HEAD_DIM"])
 
 
 def feature_distance_configs(dtype: str) -> list[KernelConfig]:
@@ -107,9 +120,10 @@ def feature_distance_configs(dtype: str) -> list[KernelConfig]:
             for l2 in (False, True) for weight in (False, True)]
 
 
-def launch_configs(dtype: str, head_dims=HEAD_DIMS) -> list[KernelConfig]:
-    """Every kernel × variant the launchers can use, for one input dtype."""
-    return i2corr_configs(dtype, head_dims) + feature_distance_configs(dtype)
+def launch_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> list[KernelConfig]:
+    """Every kernel × variant the launchers use by default for one input dtype; with `autotune`
+    also every config of the I2Correlation autotune grid."""
+    return i2corr_configs(dtype, head_dims, autotune) + feature_distance_configs(dtype)
 
 
 def cuobjdump_path() -> Path:
@@ -146,15 +160,18 @@ def build(config: KernelConfig, dtype: str, arch: int) -> Build:
                  usage["STACK"], usage["LOCAL"], int(compiled.metadata.shared) + usage["SHARED"], round(seconds, 2))
 
 
-def build_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS) -> list[Build]:
+def build_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, autotune: bool = False) -> list[Build]:
     return [build(config, dtype, arch) for arch in archs for dtype in dtypes
-            for config in launch_configs(dtype, head_dims)]
+            for config in launch_configs(dtype, head_dims, autotune)]
 
 
 def problems(b: Build) -> list[str]:
-    """What would break or slow a launch on the target: spills, shared memory over the limit."""
+    """What would break or slow a launch on the target: spills, shared memory over the limit
+    (none for configs the autotuner prunes: they never launch)."""
     where = f"{b.kernel} {b.constexprs} {b.dtype} sm_{b.arch}"
     found = []
+    if pruned(b):
+        return found
     if b.spill_bytes or b.local_bytes:
         found.append(f"{where}: spills ({b.spill_bytes} B stack, {b.local_bytes} B local per thread)")
     if b.shared_bytes > SHARED_LIMIT_BYTES[b.arch]:

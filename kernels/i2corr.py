@@ -16,12 +16,41 @@ For one head and query row i (patch i at row r_i = i // W, column c_i = i % W of
 (FOD, Yao et al. ICCV 2023, Eq. 3–5, 12; the `+1e-4` and the sym-KL are the authors' code at
 xcyao00/FOD@7d36ddc, `losses.py` / `trainer.py`.) The 1/(2πσ0σ1) prefactor cancels in the
 normalisation; the normaliser is separable, so log Σ_j = logsumexp over grid rows + logsumexp
-over grid columns — O(H + W) per query, computed by the launcher in fp32.
+over grid columns — O(H + W) per query, in fp32 (inside the Triton kernel).
 
-The Triton kernel never writes an N×M tensor: pass 1 is flash attention (online max / sum and
-the output); the `+ε` terms need the *normalised* S, so pass 2 recomputes q·kᵀ with the final
-row max and sum and accumulates kl and entropy with T̂ generated from positions on the fly.
-Two passes over the keys is the exact minimum: log(S + ε) cannot be rescaled online.
+Without statistics (FOD's intra branches at inference) every path is plain attention, which
+PyTorch's SDPA computes (`plain_attention`). With them, the Triton kernel never writes an N×M
+tensor and runs as one launch (σ's fp32 floor and the
+target's normaliser are computed inside it). Per program: BLOCK_M query rows of one (batch,
+head); pass 1 is flash attention (online max m and sum l, the output); the `+ε` terms need the
+*normalised* S, so pass 2 recomputes q·kᵀ and reads S = 2^(qk − lse₂) with lse₂ = m + log2 l
+(no division by the row sum), T̂ generated from positions on the fly. Two passes over the keys is
+the exact minimum: log(S + ε) cannot be rescaled online. A backward pass needs only lse₂ per row.
+Choices, each exact (parity tests against float64):
+  - exp2/log2 throughout (the GPU's native MUFU ops): log2(e) is folded into the logit scale and
+    into a = log2(e)/(2σ²); kl and entropy are summed in log2 units and scaled by ln 2 per row;
+  - key tiles whose grid rows lie so far from the tile's queries that T̂ < 2^−150 for all of
+    them (bounded from the smallest a₀ of the tile and the row gap) are exactly 0 in fp32 and
+    skip the target: (0 − S)(log ε − log(S + ε)) needs no exp2/log2 of T̂;
+  - tensor-core dots for fp16/bf16, IEEE fp32 dots only for fp32 inputs;
+  - not adopted: T̂ as an outer product of row and column factors. With key tiles contiguous in
+    n, both factors vary per element; tiles shaped as grid rectangles would need the (BLOCK_M,
+    rows, cols) product re-laid-out into the dot's layout through shared memory, which costs
+    about what the exp2 it saves does (16 elements/clk/SM either way) and wastes lanes on grid
+    widths that are not a multiple of the tile. The separable normaliser is used (O(H + W)).
+
+Work per (query, key) pair, N = M = 1024, B = H = 8, Dh = 32 (6.7e7 pairs), against public H100
+SXM peaks (989 TFLOP/s dense fp16 tensor core; 67 TFLOP/s fp32 = 3.35e13 ALU ops/s; MUFU 16
+ops/clk/SM × 132 SMs × 1.83 GHz = 3.87e12 ops/s):
+  - tensor core: q·kᵀ twice + P·V = 6·Dh = 192 FLOP/pair → 13 µs;
+  - MUFU: 5 transcendentals/pair (pass 1: exp2; pass 2: exp2 S, log2(S + ε), exp2 T̂,
+    log2(T̂ + ε)) → 87 µs; 3/pair on skipped tiles → 52 µs;
+  - ALU: ~26 fp32/int ops/pair (scale, mask, max, sums, distances, the kl product) → 52 µs.
+The bound is MUFU, ≈ 87 µs (52 µs where every tile skips the target). SDPA on the same shapes
+does 1 MUFU op/pair (17 µs bound), so the bounds' ratio is 5× (3× with every tile skipped): the
+"≤ 3× SDPA" goal holds only if SDPA runs below ~60% of its own bound or σ is small. Next step
+if measured short: evaluate part of the exp2s with FMA polynomials on the ALU pipe (as
+FlashAttention-4 does). None of this is measured yet: no GPU has been lent (docs/results.md).
 
 The lean torch path computes one softmax per block of query rows and serves both the output and
 the statistics; it is plain MatMul / Softmax / Log / ReduceSum, so it is also what the ONNX
@@ -29,6 +58,7 @@ export traces (with blocks of 256 rows, see `fastad.ops`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -42,9 +72,22 @@ LOG_EPS = 1e-4  # the authors' smoothing constant inside every log
 # and floored here; fp32 never goes below it, so fp32 results do not change.
 SIGMA_MIN = float(torch.pow(3.0, torch.tensor(1e-5)) - 1)
 
+LOG2E = 1.4426950408889634  # log2(e): the kernel works in exp2/log2 (the GPU's native MUFU ops)
+
 if triton is not None:
-    # The same ε for the kernel: a GPU build reads only constexpr globals (the interpreter is lenient).
+    # Constants read inside @triton.jit: a GPU build reads only constexpr globals (the
+    # interpreter is lenient).
     TL_LOG_EPS: tl.constexpr = tl.constexpr(LOG_EPS)
+    TL_LOG2_EPS: tl.constexpr = tl.constexpr(math.log2(LOG_EPS))  # log2(0 + ε): the zero target's log
+    TL_SIGMA_MIN: tl.constexpr = tl.constexpr(SIGMA_MIN)
+    TL_HALF_LOG2E: tl.constexpr = tl.constexpr(0.5 * LOG2E)  # a = log2(e)/(2σ²)
+    TL_LN2: tl.constexpr = tl.constexpr(math.log(2.0))  # log2 sums -> natural-log kl and entropy
+    # 2^−x rounds to exactly 0 in fp32 once x ≥ 150 (half the smallest subnormal, 2^−149, ties to
+    # even); one more for the rounding of x itself.
+    TL_ZERO_EXP2: tl.constexpr = tl.constexpr(151.0)
+    # Grid positions per step of the in-kernel normaliser loop (any grid size; a constant so that
+    # it adds no kernel variant).
+    TL_NORM_CHUNK: tl.constexpr = tl.constexpr(32)
 
 
 class I2CorrOutput(NamedTuple):
@@ -59,37 +102,47 @@ class I2CorrOutput(NamedTuple):
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, IEEE_DOT: tl.constexpr):
-        if IEEE_DOT:
-            return tl.dot(a, b, input_precision="ieee")
-        return tl.dot(a, b)
+    def _tile_of_program(pid, num_m_tiles):
+        """Program id -> (query tile, batch·head). One launch axis (≤ 2³¹ − 1 programs) holds every
+        B·H: CUDA caps grid axes 1 and 2 at 65535. Query tiles vary fastest, so neighbouring
+        programs share one head's K and V in L2. Plain integer arithmetic: the tests run it as
+        Python (`_tile_of_program.fn`) on B·H > 65535 without a GPU."""
+        bh = pid // num_m_tiles
+        return pid - bh * num_m_tiles, bh
 
     @triton.jit
-    def _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale,
-                      IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
-        """q·kᵀ·scale for one block of keys, −inf on the ragged tail. -> (BLOCK_M, BLOCK_N) fp32."""
-        col_ok = offs_n < M
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        qk = _dot(q, tl.trans(k), IEEE_DOT)
-        return tl.where(col_ok[None, :], qk * scale, float("-inf"))
+    def _log2_gauss_sum(pos, a, LENGTH, CHUNK: tl.constexpr):
+        """log2 Σ_{g < LENGTH} 2^(−(pos − g)²·a) for each query: one grid axis of the separable
+        normaliser, O(LENGTH) per query. The g = pos term is 2⁰ = 1, so the sum is ≥ 1 and needs
+        no max shift."""
+        total = tl.zeros(pos.shape, tl.float32)
+        for start in range(0, LENGTH, CHUNK):
+            g = start + tl.arange(0, CHUNK)
+            d = (pos[:, None] - g[None, :]).to(tl.float32)
+            total += tl.sum(tl.where(g[None, :] < LENGTH, tl.exp2(-d * d * a[:, None]), 0.0), 1)
+        return tl.log2(total)
 
     @triton.jit
     def _i2corr_fwd_kernel(
-        Q, K, V, InvTwoSigmaSq, LogNorm, Out, KL, Ent,
+        Q, K, V, Sigma, Out, KL, Ent,
         sqb, sqh, sqn, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
+        ssb, ssh, ssn, ssc,
         sob, soh, son, sod,
-        H, N, M, GRID_W, scale,
+        H, N, GRID_H, GRID_W, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        WITH_STATS: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """One program: BLOCK_M query rows of one (batch, head); out, kl and entropy for them.
+
+        Everything runs in log2 units: qk_scale = scale·log2(e), S = 2^(qk − lse₂) with
+        lse₂ = m + log2(l) (no division by the row sum), T̂ = 2^(−Δr²·a₀ − Δc²·a₁ − z₂) with
+        a = log2(e)/(2σ²) and z₂ the log2 normaliser, and the sums are scaled by ln 2 once per
+        row at the end. A backward pass needs only (m, l) per row — lse₂ after pass 1.
+        """
+        pid_m, pid_bh = _tile_of_program(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)  # int64: B·H·N·Dh can exceed 2³¹ at 1024² inputs
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,7 +152,7 @@ if triton is not None:
 
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:  # interpreter only: its tl.dot mis-computes bf16 operands (numpy has no bf16)
+        if UPCAST:  # interpreter only: numpy has no bf16 and a slow fp16 matmul
             q = q.to(tl.float32)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
@@ -108,75 +161,93 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, M, BLOCK_N):
+        for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            qk = _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale, IEEE_DOT, UPCAST)
+            col_ok = offs_n < N
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))  # log2-scaled logits
             m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                        mask=(offs_n < M)[:, None] & d_ok[None, :], other=0.0)
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc * (1.0 / l_i)[:, None]
         tl.store(Out + b * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        lse2 = m_i + tl.log2(l_i)  # S[i, j] = 2^(qk[i, j] − lse2[i])
 
-        if WITH_STATS:
-            # Pass 2: normalised S with the final (m_i, l_i); T̂ from positions; accumulate.
-            stat_off = pid_bh.to(tl.int64) * N + offs_m
-            inv0 = tl.load(InvTwoSigmaSq + stat_off * 2, mask=row_ok, other=0.0)      # 1/(2σ0²), rows
-            inv1 = tl.load(InvTwoSigmaSq + stat_off * 2 + 1, mask=row_ok, other=0.0)  # 1/(2σ1²), cols
-            log_norm = tl.load(LogNorm + stat_off, mask=row_ok, other=0.0)
-            r_i = (offs_m // GRID_W).to(tl.float32)
-            c_i = (offs_m % GRID_W).to(tl.float32)
-            kl = tl.zeros([BLOCK_M], tl.float32)
-            ent = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, M, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                col_ok = offs_n < M
-                qk = _logits_block(q, k_base, offs_n, offs_d, d_ok, skn, skd, M, scale, IEEE_DOT, UPCAST)
-                s = tl.exp(qk - m_i[:, None]) / l_i[:, None]  # 0 on masked columns
-                dr = r_i[:, None] - (offs_n // GRID_W).to(tl.float32)[None, :]
-                dc = c_i[:, None] - (offs_n % GRID_W).to(tl.float32)[None, :]
-                t = tl.exp(-dr * dr * inv0[:, None] - dc * dc * inv1[:, None] - log_norm[:, None])
+        # The target's terms, from σ: a = log2(e)/(2σ²) per axis (σ floored at SIGMA_MIN, so
+        # finite whatever σ's dtype was), and the separable log2 normaliser z₂ (row axis + column
+        # axis). Padding rows get a = 0: a finite uniform target that is never stored.
+        s_ptr = Sigma + b * ssb + h * ssh + offs_m.to(tl.int64) * ssn
+        sig0 = tl.maximum(tl.load(s_ptr, mask=row_ok, other=1.0).to(tl.float32), TL_SIGMA_MIN)
+        sig1 = tl.maximum(tl.load(s_ptr + ssc, mask=row_ok, other=1.0).to(tl.float32), TL_SIGMA_MIN)
+        a0 = tl.where(row_ok, TL_HALF_LOG2E / (sig0 * sig0), 0.0)  # rows
+        a1 = tl.where(row_ok, TL_HALF_LOG2E / (sig1 * sig1), 0.0)  # columns
+        r_i = offs_m // GRID_W
+        c_i = offs_m % GRID_W
+        z2 = _log2_gauss_sum(r_i, a0, GRID_H, TL_NORM_CHUNK) + _log2_gauss_sum(c_i, a1, GRID_W, TL_NORM_CHUNK)
+
+        # Key tiles whose grid rows are all ≥ `TL_ZERO_EXP2` (log2 units) away for the flattest
+        # query of this tile: T̂ ≤ 2^−(Δr²·a₀) < 2^−150 rounds to exactly 0 in fp32 there (the
+        # normaliser only makes it smaller), so (T̂ − S)(log(T̂ + ε) − log(S + ε)) = S·(log(S + ε)
+        # − log ε) — no target, one exp2 and one log2 per pair fewer. Exact, not an approximation.
+        a0_min = tl.min(tl.where(row_ok, a0, float("inf")), 0)
+        rq_lo = (pid_m * BLOCK_M) // GRID_W
+        rq_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // GRID_W
+
+        # Pass 2: normalised S with the final lse2, T̂ from positions; accumulate in log2 units.
+        kl = tl.zeros([BLOCK_M], tl.float32)
+        ent = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # the same logits as pass 1
+            qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+            s = tl.exp2(qk - lse2[:, None])  # 0 on the ragged tail
+            log_s = tl.log2(s + TL_LOG_EPS)
+            ent += tl.sum(s * log_s, 1)
+            rk_lo = start_n // GRID_W
+            rk_hi = (tl.minimum(start_n + BLOCK_N, N) - 1) // GRID_W
+            gap = tl.maximum(tl.maximum(rk_lo - rq_hi, rq_lo - rk_hi), 0).to(tl.float32)
+            if gap * gap * a0_min >= TL_ZERO_EXP2:
+                kl += tl.sum(s * (log_s - TL_LOG2_EPS), 1)
+            else:
+                dr = (r_i[:, None] - (offs_n // GRID_W)[None, :]).to(tl.float32)
+                dc = (c_i[:, None] - (offs_n % GRID_W)[None, :]).to(tl.float32)
+                t = tl.exp2(-dr * dr * a0[:, None] - dc * dc * a1[:, None] - z2[:, None])
                 t = tl.where(col_ok[None, :], t, 0.0)
-                log_s = tl.log(s + TL_LOG_EPS)
-                kl += tl.sum((t - s) * (tl.log(t + TL_LOG_EPS) - log_s), 1)
-                ent -= tl.sum(s * log_s, 1)
-            tl.store(KL + stat_off, kl, mask=row_ok)
-            tl.store(Ent + stat_off, ent, mask=row_ok)
-
-
-def _target_terms(sigma: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """σ (B, H, N, 2) -> 1/(2σ²) (B, H, N, 2) and log of the separable normaliser (B, H, N), fp32.
-
-    log Σ_j exp(−(r_i − r_j)²/(2σ0²) − (c_i − c_j)²/(2σ1²)) over the N = Hg·Wg grid positions
-    = logsumexp_r(−(r_i − r)²/(2σ0²)) + logsumexp_c(−(c_i − c)²/(2σ1²)).
-    """
-    hg, wg = grid
-    inv = 0.5 / sigma.float().clamp_min(SIGMA_MIN).pow(2)  # the kernel's σ, floored when called directly
-    n = torch.arange(hg * wg, device=sigma.device)
-    r_i, c_i = (n // wg).float(), (n % wg).float()
-    rows = torch.arange(hg, device=sigma.device, dtype=torch.float32)
-    cols = torch.arange(wg, device=sigma.device, dtype=torch.float32)
-    log_norm = torch.logsumexp(-(r_i[:, None] - rows) ** 2 * inv[..., 0:1], dim=-1)
-    log_norm = log_norm + torch.logsumexp(-(c_i[:, None] - cols) ** 2 * inv[..., 1:2], dim=-1)
-    return inv.contiguous(), log_norm.contiguous()
+                kl += tl.sum((t - s) * (tl.log2(t + TL_LOG_EPS) - log_s), 1)
+        stat_off = pid_bh.to(tl.int64) * N + offs_m
+        tl.store(KL + stat_off, kl * TL_LN2, mask=row_ok)
+        tl.store(Ent + stat_off, -ent * TL_LN2, mask=row_ok)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    """Under TRITON_INTERPRET, bf16 tiles are upcast before tl.dot (the interpreter's bf16 dot is
-    wrong); products of bf16 values are exact in fp32, so this matches tensor-core results."""
-    return dtype == torch.bfloat16 and interpreting()
+    """Under TRITON_INTERPRET, fp16/bf16 tiles are upcast before tl.dot: numpy has no bf16 (the
+    interpreter's bf16 dot is wrong) and its fp16 matmul is a slow loop. Products of fp16/bf16
+    values are exact in fp32 and tensor cores accumulate in fp32, so results match the GPU's."""
+    return dtype in (torch.float16, torch.bfloat16) and interpreting()
 
 
-def _use_ieee(dtype: torch.dtype) -> bool:
-    """fp32 inputs: no TF32 rounding, parity with the reference."""
-    return dtype == torch.float32 or _upcast(dtype)
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: "ieee" for fp32 inputs (no TF32 rounding, parity with the
+    reference) and for the interpreter's upcast tiles; "tf32", Triton's default, which fp16/bf16
+    operands ignore (tensor cores, fp32 accumulation)."""
+    return "ieee" if dtype == torch.float32 or _upcast(dtype) else "tf32"
 
 
 class LaunchConfig(NamedTuple):
@@ -185,55 +256,110 @@ class LaunchConfig(NamedTuple):
     num_warps: int
 
 
-# Tensor-core dots (fp16/bf16) keep their tiles in few registers; fp32's IEEE dots run on the FMA
-# units with whole tiles per thread, and 64×64 tiles with 4 warps spill on sm_80–sm_90 (Dh = 32
-# and 64; bench/results/kernels-aot.md).
-TENSOR_CORE_LAUNCH = LaunchConfig(block_m=64, block_n=64, num_warps=4)
-IEEE_LAUNCH = LaunchConfig(block_m=64, block_n=16, num_warps=8)
+# The autotune grid (GPU): one list for every dtype, keyed on (N, Dh) (Triton adds the dtypes),
+# pruned per dot kind and head dim by `spills_registers`. bench/build_kernels_aot.py builds every
+# entry for sm_90/89/87/80 and records which spill (bench/results/kernels-aot.md).
+AUTOTUNE_CONFIGS = (
+    LaunchConfig(64, 64, 4), LaunchConfig(64, 32, 4), LaunchConfig(64, 32, 8),
+    LaunchConfig(64, 16, 8), LaunchConfig(32, 32, 4), LaunchConfig(32, 16, 4), LaunchConfig(16, 16, 4),
+)
 # The interpreter runs a tile as numpy arrays, so its cost is per tile: one large fixed config.
 INTERPRETER_LAUNCH = LaunchConfig(block_m=128, block_n=128, num_warps=4)
+# Largest logits tile (BLOCK_M × BLOCK_N elements) that built without a spill on every recorded
+# arch (sm_80–sm_90): tensor-core dots at Dh 32 and 64; IEEE fp32 dots at Dh 32 (BLOCK_D = 32),
+# shrinking with BLOCK_D² (see `spills_registers`).
+TENSOR_CORE_TILE_MAX = 64 * 32
+IEEE_TILE_MAX_AT_D32 = 32 * 32
 
 
-def gpu_launch(dtype: torch.dtype) -> LaunchConfig:
-    """The launch a GPU build uses (the AOT builds record these)."""
-    return IEEE_LAUNCH if dtype == torch.float32 else TENSOR_CORE_LAUNCH
+def block_d(head_dim: int) -> int:
+    """The kernel's head-dim tile: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def default_launch(dtype: torch.dtype) -> LaunchConfig:
-    return INTERPRETER_LAUNCH if interpreting() else gpu_launch(dtype)
+def spills_registers(config: LaunchConfig, ieee_dot: bool, head_dim: int) -> bool:
+    """The named prune predicate of the autotune grid: True for the configs whose build spilled
+    registers on one of sm_80–sm_90 (tests/test_kernels_compile.py checks it against every build
+    recorded in bench/results/kernels-aot.json, Dh 32 and 64). Pass 2 keeps about five
+    (BLOCK_M, BLOCK_N) fp32 tiles live (logits, S, log S, T̂, the kl term): what spills is the
+    tile area, not the elements per thread (several 8-warp builds were held to 128 registers
+    and spilled like the 4-warp build of the same area). Tensor-core dots keep their operands in
+    shared memory and fit 64 × 32 at either head dim; IEEE fp32 dots run on the FMA units with
+    operand rows of BLOCK_D per thread, and the tile that fits shrinks with BLOCK_D² (32 × 32 at
+    Dh 32, 16 × 16 at Dh 64, where 32 × 16 already spilled; bench/results/kernels-aot.md)."""
+    area = config.block_m * config.block_n
+    if ieee_dot:
+        return area * (block_d(head_dim) // 32) ** 2 > IEEE_TILE_MAX_AT_D32
+    return area > TENSOR_CORE_TILE_MAX
+
+
+def autotune_configs(dtype: torch.dtype, head_dim: int) -> list[LaunchConfig]:
+    """The configs the autotuner may try for one dtype and head dim."""
+    return [c for c in AUTOTUNE_CONFIGS if not spills_registers(c, dtype == torch.float32, head_dim)]
+
+
+def gpu_launch(dtype: torch.dtype, head_dim: int) -> LaunchConfig:
+    """The fixed GPU launch for a dtype and head dim — the largest tile the autotuner may try,
+    used when a call passes some but not all of the block sizes; the AOT test builds these."""
+    return max(autotune_configs(dtype, head_dim), key=lambda c: (c.block_m * c.block_n, -c.num_warps))
+
+
+def launch_grid(n: int, batch_heads: int, block_m: int) -> tuple[int]:
+    """Programs of one launch: query tiles × B·H on grid axis 0 (see `_tile_of_program`)."""
+    programs = (n + block_m - 1) // block_m * batch_heads
+    if programs > 2 ** 31 - 1:
+        raise ValueError(f"{programs} programs exceed CUDA's grid limit (N = {n}, B·H = {batch_heads})")
+    return (programs,)
+
+
+def prune_spilling(configs, named_args, **kwargs):
+    """The autotuner's early_config_prune: drop the triton.Configs `spills_registers` names for
+    this launch (its constexprs say the dot kind and the head dim)."""
+    return [c for c in configs if not spills_registers(
+        LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps), kwargs["DOT_PRECISION"] == "ieee",
+        kwargs["HEAD_DIM"])]
+
+
+if triton is not None and not interpreting():  # the interpreter runs INTERPRETER_LAUNCH only
+    _i2corr_fwd_autotuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps)
+                 for c in AUTOTUNE_CONFIGS],
+        key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune_spilling},
+    )(_i2corr_fwd_kernel)
 
 
 def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
                           block_m: int | None = None, block_n: int | None = None,
                           num_warps: int | None = None) -> I2CorrOutput:
-    """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, M, Dh); σ (B, H, N, 2).
-    Tiles and warps default to `default_launch(q.dtype)`."""
-    launch = default_launch(q.dtype)
-    block_m, block_n = block_m or launch.block_m, block_n or launch.block_n
-    num_warps = num_warps or launch.num_warps
+    """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, N, Dh); σ (B, H, N, 2), any
+    float dtype (used in fp32, floored at SIGMA_MIN inside the kernel).
+
+    Without statistics this is plain attention: PyTorch's SDPA (flash / memory-efficient kernels).
+    Tiles: `block_m`/`block_n`/`num_warps` when given; else the interpreter's fixed
+    INTERPRETER_LAUNCH, or on a GPU the autotuner over AUTOTUNE_CONFIGS (pruned by
+    `spills_registers`), keyed on (N, Dh) and the dtypes.
+    """
+    if not with_stats:
+        return I2CorrOutput(plain_attention(q, k, v, scale))
     b, h, n, dh = q.shape
-    m = k.shape[2]
     k = k.expand(b, -1, -1, -1)
     v = v.expand(b, -1, -1, -1)
+    sigma = sigma if sigma.dtype == torch.float32 else sigma.float()
     out = torch.empty_like(q)
-    if with_stats:
-        inv, log_norm = _target_terms(sigma, grid)
-        kl = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        ent = torch.empty_like(kl)
+    kl = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    ent = torch.empty_like(kl)
+    args = (q, k, v, sigma, out, kl, ent, *q.stride(), *k.stride(), *v.stride(), *sigma.stride(),
+            *out.stride(), h, n, grid[0], grid[1], scale * LOG2E)
+    consts = dict(HEAD_DIM=dh, BLOCK_D=block_d(dh), DOT_PRECISION=dot_precision(q.dtype),
+                  UPCAST=_upcast(q.dtype))
+    if block_m is None and block_n is None and num_warps is None and not interpreting():
+        _i2corr_fwd_autotuned[lambda meta: launch_grid(n, b * h, meta["BLOCK_M"])](*args, **consts)
     else:
-        inv = log_norm = kl = ent = torch.empty(1, device=q.device, dtype=torch.float32)
-    launch = (triton.cdiv(n, block_m), b * h)
-    _i2corr_fwd_kernel[launch](
-        q, k, v, inv, log_norm, out, kl, ent,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, n, m, grid[1], scale,
-        HEAD_DIM=dh, BLOCK_D=max(16, triton.next_power_of_2(dh)),
-        BLOCK_M=block_m, BLOCK_N=block_n, WITH_STATS=with_stats, IEEE_DOT=_use_ieee(q.dtype),
-        UPCAST=_upcast(q.dtype),
-        num_warps=num_warps,
-    )
-    return I2CorrOutput(out, kl, ent) if with_stats else I2CorrOutput(out)
-
+        fixed = INTERPRETER_LAUNCH if interpreting() else gpu_launch(q.dtype, dh)
+        block_m, block_n = block_m or fixed.block_m, block_n or fixed.block_n
+        _i2corr_fwd_kernel[launch_grid(n, b * h, block_m)](
+            *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or fixed.num_warps)
+    return I2CorrOutput(out, kl, ent)
 
 # --------------------------------------------------------------------------------------------
 # Torch formulas: the RBF target, divergences, entropy (one statement each; FOD's training
@@ -293,6 +419,15 @@ def attn_entropy(p: torch.Tensor, log_p: torch.Tensor | None = None) -> torch.Te
     return -(p * log_p).sum(-1)
 
 
+def plain_attention(q, k, v, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v without statistics: PyTorch's fused SDPA (flash / memory-efficient
+    kernels on CUDA), O(N) memory. k, v with a batch of 1 are expanded (SDPA wants one batch;
+    fixed at trace time when exporting)."""
+    if k.shape[0] != q.shape[0]:
+        k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 # --------------------------------------------------------------------------------------------
 # Lean blocked torch path (CPU, GPUs without Triton, and the ONNX export)
 # --------------------------------------------------------------------------------------------
@@ -315,9 +450,7 @@ def i2corr_forward_lean(q, k, v, sigma, grid, scale: float, with_stats: bool,
     """
     b, h, n, dh = q.shape
     if not with_stats:
-        if k.shape[0] != b:  # SDPA wants one batch; fixed at trace time when exporting
-            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        return I2CorrOutput(F.scaled_dot_product_attention(q, k, v, scale=scale))
+        return I2CorrOutput(plain_attention(q, k, v, scale))
     block = block or _rows_per_block(b, h, k.shape[2])
     r_i, c_i = patch_positions(grid, q.device)
     k_t = at_least_fp32(k).transpose(-1, -2)  # fp16/bf16 logits in fp32, as the kernel's tl.dot
@@ -383,14 +516,14 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     materialised).
     """
     _check_inputs(q, k, v, sigma, grid)
-    sigma = safe_sigma(sigma)
     grid = (int(grid[0]), int(grid[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     impl = check_impl(impl, q)
-    if impl == "triton":
+    if impl == "triton":  # one launch: σ's fp32 floor and the target's normaliser are in the kernel
         if q.dtype == torch.float64:
             raise ValueError("impl='triton' takes fp32/fp16/bf16, got float64")
         return i2corr_forward_triton(q, k, v, sigma, grid, scale, with_stats)
+    sigma = safe_sigma(sigma)
     if impl == "reference":
         res = i2corr_reference(q, k, v, sigma, grid, scale)
         return res._replace(out=res.out.to(q.dtype)) if with_stats else I2CorrOutput(res.out.to(q.dtype))

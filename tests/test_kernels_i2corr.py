@@ -81,7 +81,8 @@ def test_triton_matches_reference(dtype, dh, grid, shared_kv):
     res = i2corr_forward_triton(q, k, v, sigma, grid, dh ** -0.5, True, block_m=16, block_n=16)
     check(res, ref, dtype)
     plain = i2corr_forward_triton(q, k, v, sigma, grid, dh ** -0.5, False, block_m=16, block_n=16)
-    assert plain.kl is None and torch.equal(plain.out, res.out)
+    assert plain.kl is None  # without statistics: SDPA
+    torch.testing.assert_close(plain.out.double(), ref.out, atol=TOL[dtype]["out"][0], rtol=TOL[dtype]["out"][1])
 
 
 def test_reference_matches_literal_formulas():
