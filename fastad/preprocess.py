@@ -138,6 +138,23 @@ def _check_pixels(what: str, n_bytes: int, width: int, height: int) -> None:
                           "(truncated, or a decompression bomb)")
 
 
+# Bytes one pixel may decode to: 4 samples of 8 bytes (RGBA float64). A TIFF's samples-per-pixel
+# tag is not bounded by its pixel count (fuzzing found 132 bytes declaring 10 x 33,793 pixels of
+# 65,535 one-bit samples: 22 GB for tifffile to allocate).
+MAX_DECODED_BYTES_PER_PIXEL = 32
+
+
+def _check_decoded_bytes(what: str, n_bytes: int, width: int, height: int, decoded: int) -> None:
+    """Refuse, from the header alone, an image whose decoded array would exceed 32 bytes for each
+    pixel `_check_pixels` allows a file of `n_bytes` bytes."""
+    allowed = _SMALL_IMAGE_PIXELS + MAX_PIXELS_PER_BYTE * n_bytes
+    if Image.MAX_IMAGE_PIXELS:
+        allowed = min(allowed, Image.MAX_IMAGE_PIXELS)
+    if decoded > MAX_DECODED_BYTES_PER_PIXEL * allowed:
+        raise FastADError(f"cannot read {what}: it declares {width} x {height} pixels decoding to {decoded:,} bytes "
+                          f"in only {n_bytes:,} bytes (too many samples per pixel, or a decompression bomb)")
+
+
 def _size(source: Path | bytes) -> int:
     return len(source) if isinstance(source, bytes) else source.stat().st_size
 
@@ -160,6 +177,7 @@ def _read_tiff_array(source: Path | bytes, what: str) -> np.ndarray:
         planar = len(shape) == 3 and shape[0] <= 4 < shape[-1]
         height, width = shape[-2:] if planar else shape[:2]
         _check_pixels(what, _size(source), width, height)
+        _check_decoded_bytes(what, _size(source), width, height, int(np.prod(shape)) * page.dtype.itemsize)
         return page.asarray()
 
 

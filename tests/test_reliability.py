@@ -221,10 +221,15 @@ def _tiff_header(width: int, height: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", ifd_at) + ifd + b"\0" * 16
 
 
-@pytest.mark.parametrize("kind", ["png", "png_under_pils_error", "bmp", "tif", "tif_found_by_fuzzing"])
+@pytest.mark.parametrize("kind", ["png", "png_under_pils_error", "bmp", "tif", "tif_found_by_fuzzing",
+                                  "tif_samples_found_by_fuzzing"])
 def test_decompression_bombs_are_refused_before_allocation(tmp_path, kind):
-    if kind == "tif_found_by_fuzzing":  # 132 bytes that PIL decoded as 10 x 4,194,438 pixels in 5 s
-        found = Path(__file__).parent / "fuzz_corpus" / "image" / "found-slow-tiff-10x4194438-in-132-bytes"
+    found = {  # 132 bytes that PIL decoded as 10 x 4,194,438 pixels in 5 s; 132 bytes declaring
+        # 10 x 33,793 pixels of 65,535 samples, 22 GB for tifffile to allocate
+        "tif_found_by_fuzzing": "found-slow-tiff-10x4194438-in-132-bytes",
+        "tif_samples_found_by_fuzzing": "found-oom-tiff-10x33793x65535-samples-in-132-bytes"}
+    if kind in found:
+        found = Path(__file__).parent / "fuzz_corpus" / "image" / found[kind]
         path, data = tmp_path / "found.tif", found.read_bytes()[1:]  # first byte: the target's suffix choice
     elif kind == "png":
         path, data = tmp_path / "bomb.png", _png_header(50_000, 50_000)
