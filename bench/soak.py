@@ -18,7 +18,10 @@ Per backend it reports:
   across the different batches it appeared in (max |delta|, reported, not a pass criterion:
   batch composition changes the BLAS blocking).
 - latency: per-image latency (call / batch size); p99 of the first and last quarter after warm-up,
-  and their ratio ("drift"). Pass: ratio < 1.5 (a shared machine adds noise both ways).
+  and their ratio ("drift"). Pass: ratio < 1.5 (a shared machine adds noise both ways). The same
+  ratio over the process's CPU time per image (`p99_cpu_drift`, not a pass criterion) tells a
+  predictor that slows down from a machine that got busier (wall time grows, CPU time does not);
+  the load average at the start and end of each backend is recorded too.
 The JSON holds the curves (per call: images so far, RSS MiB, latency ms, batch size); the PNG
 plots RSS and a rolling p50/p99 latency against predictions for every backend.
 """
@@ -91,15 +94,16 @@ def soak_backend(predictor: Predictor, pool: list[str], predictions: int, seed: 
     first_probe = None
     probe_checks = probe_mismatches = 0
     per_image: dict[str, list[float]] = {}
-    curve = {"images": [], "rss_mib": [], "latency_ms": [], "batch": []}
+    curve = {"images": [], "rss_mib": [], "latency_ms": [], "cpu_ms": [], "batch": []}
+    load_start = os.getloadavg()
     done = calls = 0
     t_start = time.perf_counter()
     while done < predictions:
         b = int(min(rng.integers(1, 17), predictions - done))
         batch = [pool[i] for i in rng.integers(0, len(pool), b)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = predictor.predict(batch)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         for path, s in zip(batch, res.scores):
             per_image.setdefault(path, []).append(float(s))
         done += b
@@ -107,6 +111,7 @@ def soak_backend(predictor: Predictor, pool: list[str], predictions: int, seed: 
         curve["images"].append(done)
         curve["rss_mib"].append(round(rss_mib(), 2))
         curve["latency_ms"].append(round(dt * 1000, 3))
+        curve["cpu_ms"].append(round(dc * 1000, 3))
         curve["batch"].append(b)
         if calls % probe_every == 1:
             got = predictor.predict(probe)
@@ -124,6 +129,7 @@ def soak_backend(predictor: Predictor, pool: list[str], predictions: int, seed: 
     return summarize(curve, warmup) | {
         "backend": predictor.backend, "calls": calls, "predictions": done,
         "seconds": round(time.perf_counter() - t_start, 1),
+        "loadavg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         "probe_checks": probe_checks, "probe_mismatches": probe_mismatches,
         "max_score_spread_across_batches": max((max(v) - min(v)) for v in per_image.values()),
         "curve": curve,
@@ -144,7 +150,17 @@ def summarize(curve: dict, warmup: float) -> dict:
             "p50_ms_per_image": round(float(np.percentile(per_image, 50)), 3),
             "p99_ms_per_image_first_quarter": round(p99_first, 3),
             "p99_ms_per_image_last_quarter": round(p99_last, 3),
-            "p99_drift": round(p99_last / p99_first, 3)}
+            "p99_drift": round(p99_last / p99_first, 3)} | _cpu_drift(curve, start)
+
+
+def _cpu_drift(curve: dict, start: int) -> dict:
+    if not curve.get("cpu_ms"):
+        return {}
+    per_image = np.asarray(curve["cpu_ms"][start:]) / np.asarray(curve["batch"][start:])
+    q = max(1, len(per_image) // 4)
+    first, last = float(np.percentile(per_image[:q], 99)), float(np.percentile(per_image[-q:], 99))
+    return {"p99_cpu_ms_per_image_first_quarter": round(first, 3), "p99_cpu_ms_per_image_last_quarter": round(last, 3),
+            "p99_cpu_drift": round(last / first, 3)}
 
 
 def passed(r: dict, max_growth: float = 0.05, max_drift: float = 1.5) -> dict:
@@ -226,7 +242,8 @@ def main(argv=None) -> int:
     result["command"] = "python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for r in result["results"]:
         print(f"{r['backend']:10s} {r['predictions']} images in {r['seconds']} s: RSS {r['rss_after_warmup_mib']:.0f} "
-              f"-> {r['rss_end_mib']:.0f} MiB ({100 * r['rss_growth']:+.2f} %), p99 drift {r['p99_drift']:.2f}, "
+              f"-> {r['rss_end_mib']:.0f} MiB ({100 * r['rss_growth']:+.2f} %), p99 drift {r['p99_drift']:.2f} "
+              f"(CPU time {r.get('p99_cpu_drift', float('nan')):.2f}, load {r['loadavg_1min_start_end']}), "
               f"probe {r['probe_checks'] - r['probe_mismatches']}/{r['probe_checks']} identical, "
               f"score spread across batches {r['max_score_spread_across_batches']:.2e}, passed {r['passed']}")
     if args.json:
