@@ -503,7 +503,7 @@ class FeatureExtractor(nn.Module):
                 finally:
                     log.setLevel(prev)
             fx.body.load_state_dict({k[len("body."):]: v for k, v in state.items()}, strict=True)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:  # e.g. a mean of strings
             raise FastADError(f"backbone spec is incomplete or invalid: {e}") from None
         except RuntimeError as e:
             raise FastADError(f"backbone weights do not match backbone {spec.get('name')!r}: "
