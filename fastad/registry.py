@@ -47,7 +47,7 @@ def register(family: Family) -> Family:
 
 def get(name, what: str = "model") -> Family:
     """The family called `name`, or one FastADError line listing the known ones."""
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:  # a config.json may hold any JSON value
         raise FastADError(f"{what} {name!r} is not a known model family (known: {', '.join(FAMILIES)})")
     return FAMILIES[name]
 
