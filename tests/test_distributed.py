@@ -1,12 +1,14 @@
-"""Data-parallel training (issue 17, item 5): 2 CPU processes (torchrun, gloo) end with the weights
-of 1 process with the same global batch, and only rank 0 writes checkpoints and the run.
+"""Data-parallel training (issue 17, item 5): 2 CPU processes (gloo) end with the weights of 1
+process with the same global batch, and only rank 0 writes checkpoints and the run.
 
-Every family on the tiny demo data, in one torchrun launch (tests/ddp_worker.py): FOD trained 1
-epoch then resumed to 2 (resume across processes) and ADTR 2 epochs, with their own Adam/AdamW;
-UTAD stage 2 with SGD in place of Adam (Expert-Net's instance-normalised convolutions have many
-near-zero gradients whose rounding Adam amplifies: with Adam its loss history matches but weights
-differ by up to ~1e-3, docs/distributed.md). UTAD stage 1 is left at 0 epochs: its BatchNorm, MI
-shuffle and noise work on each process's part of the batch on a CPU.
+- fast (make test): FOD trained 1 epoch in 2 processes, then resumed to 2 epochs in 2 processes,
+  against 1 process training 2 epochs. The 2 processes are started directly with torchrun's
+  worker environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), which spares torchrun's own process.
+- slow: ADTR (its own AdamW) and UTAD stage 2 under torchrun (tests/ddp_worker.py), and
+  `fastad train --nproc 2` through the CLI. UTAD stage 2 is compared with SGD in place of Adam
+  (Expert-Net's instance-normalised convolutions have many near-zero gradients whose rounding Adam
+  amplifies, docs/distributed.md). UTAD stage 1 is left at 0 epochs: its BatchNorm, MI shuffle and
+  noise work on each process's part of the batch on a CPU.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import tempfile
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,35 +44,63 @@ CONFIGS = {
                        epochs1=0, epochs2=2, batch_size=4, lr2=0.1),  # lr for SGD
 }
 # Attention is invariant to the key projection's bias (it adds one constant to every logit of a
-# query), so its gradient is rounding noise (~1e-9 against Adam's eps 1e-8): Adam turns noise of
-# different rounding into different lr-sized steps. Every other tensor must match to 1e-5 (relative
-# for fitted statistics larger than 1, e.g. UTAD's pm_scale ~70).
+# query), so its gradient is zero up to rounding, and Adam normalises that noise into steps that
+# depend on the summation order. Every other tensor must match to 1e-5 (relative for
+# values larger than 1, such as UTAD's fitted PM scales).
 GRADIENT_FREE = ("k_proj.bias",)
 TOL = 1e-5
 SGD = {"utad"}
 
 
 def torchrun(nproc: int, script: Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`script args` in `nproc` processes on 127.0.0.1 (rendezvous at a free port); the whole
-    process group is killed if it outlives `timeout`."""
+    """`script args` in `nproc` processes on 127.0.0.1 under torchrun (rendezvous at a free port)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--max-restarts", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
-           "--local-addr", "127.0.0.1", str(script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTAD_COMPILE": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           "--max-restarts", "0", "--monitor-interval", "0.1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1", str(script), *map(str, args)]
+    return _run([cmd], [_env()], str(args[-1]), timeout)
+
+
+def ranks(nproc: int, script: Path, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`script args` in `nproc` processes started directly with the environment torchrun gives its
+    workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT: env:// initialisation), without
+    torchrun's own process and rendezvous (the fast test; the slow ones go through torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = [_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for r in range(nproc)]
+    return _run([[sys.executable, str(script), *map(str, args)]] * nproc, envs, str(args[-1]), timeout)
+
+
+def _env(**extra) -> dict:
+    # offline: every process (and the 1-process run, see the tests) loads the same backbone weights
+    return {**os.environ, "OMP_NUM_THREADS": "1", "FASTAD_COMPILE": "0", "FASTAD_OFFLINE": "1", **extra}
+
+
+def _run(cmds: list[list[str]], envs: list[dict], marker: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmds` at once; -> their joint exit status (0 if all succeeded) and output. Past `timeout`
+    they and every process whose command line holds `marker` are killed and the test fails."""
+    logs = [tempfile.TemporaryFile("w+") for _ in cmds]
+    procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, text=True, env=e)
+             for c, e, f in zip(cmds, envs, logs)]
+    deadline = time.monotonic() + timeout
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its workers on SIGTERM
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        for pid in processes_mentioning(str(args[-1])):  # workers run in sessions of their own
+        for p in procs:
+            p.terminate()  # torchrun stops its workers on SIGTERM
+        time.sleep(5)
+        for pid in processes_mentioning(marker):
             os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    out = []
+    for f in logs:
+        f.seek(0)
+        out.append(f.read())
+        f.close()
+    if any(p.returncode is None for p in procs) or time.monotonic() > deadline:
+        pytest.fail("data-parallel processes timed out:\n" + "\n".join(o[-2000:] for o in out))
+    return subprocess.CompletedProcess(cmds, max(abs(p.returncode) for p in procs), "\n".join(out))
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -104,41 +137,77 @@ def _assert_same_run(single: Path, multi: Path) -> None:
         assert cb["normal_scores"][k] == pytest.approx(ca["normal_scores"][k], rel=0, abs=TOL * scale), (multi.name, k)
 
 
-def test_two_processes_match_one_and_write_once(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTAD_COMPILE", "0")
-    log = tmp_path / "writes.log"
-    fod_one_epoch = {**CONFIGS["fod"].to_dict(), "epochs": 1}
-    jobs = [
-        {"model": "fod", "data": str(demo_data), "out": str(tmp_path / "fod2"), "config": fod_one_epoch},
-        {"model": "fod", "data": str(demo_data), "out": str(tmp_path / "fod2"), "config": fod_one_epoch,
-         "resume": True, "options": {"epochs": 2}},
-        {"model": "adtr", "data": str(demo_data), "out": str(tmp_path / "adtr2"), "config": CONFIGS["adtr"].to_dict()},
-        {"model": "utad", "data": str(demo_data), "out": str(tmp_path / "utad2"), "config": CONFIGS["utad"].to_dict(),
-         "sgd": True},
-    ]
-    spec = tmp_path / "spec.json"
+def _run_two_processes(jobs: list[dict], tmp_path: Path, launch=torchrun) -> list[list[str]]:
+    """The jobs in one launch of 2 processes; -> the logged writes [rank, what, run]."""
+    log, spec = tmp_path / "writes.log", tmp_path / "spec.json"
     spec.write_text(json.dumps({"log": str(log), "jobs": jobs}))
-    result = torchrun(2, WORKER, spec, timeout=300)
+    result = launch(2, WORKER, spec, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:]
-    assert processes_mentioning(str(spec)) == []  # torchrun and both workers are gone
-
-    # rank 0 alone wrote: FOD 1 checkpoint + run, resumed: 1 checkpoint + run; ADTR 2 + run; UTAD 2 + run
+    assert processes_mentioning(str(spec)) == []  # (torchrun and) both workers are gone
     writes = [line.split() for line in log.read_text().splitlines()]
-    assert {rank for rank, _, _ in writes} == {"0"}, writes
-    count = {(name, run): sum(1 for w in writes if w[1:] == [name, run]) for _, name, run in writes}
-    assert count == {("save_checkpoint", "fod2"): 2, ("write_run", "fod2"): 2, ("save_checkpoint", "adtr2"): 2,
-                     ("write_run", "adtr2"): 1, ("save_checkpoint", "utad2"): 2, ("write_run", "utad2"): 1}, count
+    assert {rank for rank, _, _ in writes} == {"0"}, writes  # rank 0 alone wrote
+    return writes
+
+
+def _compare_with_one_process(name: str, demo_data: Path, tmp_path: Path) -> None:
+    with sgd_instead_of_adam() if name in SGD else contextlib.nullcontext():
+        single = train(demo_data, tmp_path / f"{name}1", model=name, config=CONFIGS[name], device="cpu",
+                       progress=False)
+    _assert_same_run(single, tmp_path / f"{name}2")
+    # training changed the model well beyond the tolerance (else the comparison proves nothing)
+    history = json.loads((single / "config.json").read_text())["training"]["history"]
+    first = next(k for k in history[0] if k not in ("stage", "epoch", "seconds"))
+    assert abs(history[-1][first] - history[0][first]) > 100 * TOL * abs(history[0][first]), (name, history)
+
+
+def test_two_processes_match_one_resume_and_write_once(demo_data, tmp_path, monkeypatch):
+    """FOD: 2 processes train 1 epoch, then resume to 2; = 1 process training 2 epochs."""
+    monkeypatch.setenv("FASTAD_COMPILE", "0")
+    monkeypatch.setenv("FASTAD_OFFLINE", "1")  # the backbone weights the processes load
+    one_epoch = {**CONFIGS["fod"].to_dict(), "epochs": 1}
+    job = {"model": "fod", "data": str(demo_data), "out": str(tmp_path / "fod2"), "config": one_epoch}
+    writes = _run_two_processes([job, {**job, "resume": True, "options": {"epochs": 2}}], tmp_path, launch=ranks)
+    assert [w[1:] for w in writes] == [["save_checkpoint", "fod2"], ["write_run", "fod2"]] * 2, writes
     assert sorted(p.name for p in (tmp_path / "fod2").iterdir()) == sorted(
         ["model.safetensors", "config.json", "checkpoint.safetensors", "checkpoint.json"])  # no stray temp files
+    _compare_with_one_process("fod", demo_data, tmp_path)
 
-    for name, cfg in CONFIGS.items():
-        with sgd_instead_of_adam() if name in SGD else contextlib.nullcontext():
-            single = train(demo_data, tmp_path / f"{name}1", model=name, config=cfg, device="cpu", progress=False)
-        _assert_same_run(single, tmp_path / f"{name}2")
-        # training changed the model well beyond the tolerance (else the comparison proves nothing)
-        history = json.loads((single / "config.json").read_text())["training"]["history"]
-        first = next(k for k in history[0] if k not in ("stage", "epoch", "seconds"))
-        assert abs(history[-1][first] - history[0][first]) > 100 * TOL * abs(history[0][first]), (name, history)
+
+@pytest.mark.slow
+def test_two_processes_match_one_every_family(demo_data, tmp_path, monkeypatch):
+    """ADTR (AdamW) and UTAD stage 2 (SGD) in 2 processes = 1 process (FOD: the test above)."""
+    monkeypatch.setenv("FASTAD_COMPILE", "0")
+    monkeypatch.setenv("FASTAD_OFFLINE", "1")  # the backbone weights the processes load
+    jobs = [{"model": name, "data": str(demo_data), "out": str(tmp_path / f"{name}2"),
+             "config": CONFIGS[name].to_dict(), "sgd": name in SGD} for name in ("adtr", "utad")]
+    writes = _run_two_processes(jobs, tmp_path)
+    assert sorted(w[1:] for w in writes) == sorted([["save_checkpoint", "adtr2"]] * 2 + [["write_run", "adtr2"]] +
+                                                   [["save_checkpoint", "utad2"]] * 2 + [["write_run", "utad2"]])
+    for name in ("adtr", "utad"):
+        _compare_with_one_process(name, demo_data, tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_nproc(demo_data, tmp_path):
+    """`fastad train --nproc 2` (torchrun launched by the CLI) writes one run, trained by 2 processes."""
+    def fastad_train(out: Path, batch_size: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "fastad", "train", "--nproc", "2", "--device", "cpu", "--data", str(demo_data),
+               "--out", str(out), "--epochs", "1", "--batch-size", str(batch_size), "--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTAD_COMPILE": "0", "FASTAD_OFFLINE": "1"}
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+    out = tmp_path / "run"
+    result = fastad_train(out, 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("trained FOD") == 1 and "in 2 processes" in result.stdout, result.stdout
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["training"]["processes"] == 2 and conf["normal_scores"]["num_images"] == 8
+    assert processes_mentioning(str(out)) == []
+    # a batch that does not split evenly: one error line from the workers, nothing written
+    bad = fastad_train(tmp_path / "bad", 3)
+    assert bad.returncode == 2 and "multiple of the number of processes" in bad.stderr, bad.stderr[-2000:]
+    assert "data-parallel training failed" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_batch_must_split_evenly(monkeypatch):

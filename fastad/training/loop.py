@@ -68,6 +68,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
     if saved is not None and saved.get("model") != family.name:
         raise FastADError(f"cannot resume {out} as {family.name}: it is a {saved.get('model')} run")
     cfg = _resolve_config(family.name, task, config, saved, out)
+    par.check_batch("training", getattr(cfg, "batch_size", par.world))
     samples = list_samples(data, "train", layout=layout)
     task.check_data(samples)
 
