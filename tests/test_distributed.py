@@ -78,19 +78,29 @@ def _env(**extra) -> dict:
 
 
 def _run(cmds: list[list[str]], envs: list[dict], marker: str, timeout: float) -> subprocess.CompletedProcess:
-    """Run `cmds` at once; -> their joint exit status (0 if all succeeded) and output. Past `timeout`
-    they and every process whose command line holds `marker` are killed and the test fails."""
+    """Run `cmds` at once; -> their joint exit status (0 if all succeeded) and output. When one
+    fails the others are stopped (as torchrun stops its workers); past `timeout` they and every
+    process whose command line holds `marker` are killed and the test fails."""
     logs = [tempfile.TemporaryFile("w+") for _ in cmds]
     procs = [subprocess.Popen(c, stdout=f, stderr=subprocess.STDOUT, text=True, env=e)
              for c, e, f in zip(cmds, envs, logs)]
     deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
+    while time.monotonic() < deadline:
+        codes = [p.poll() for p in procs]
+        if None not in codes or any(codes):  # all done, or one failed: the others would wait for it
+            break
+        time.sleep(0.1)
+    timed_out = time.monotonic() >= deadline
+    for p in procs:
+        if p.poll() is None:
             p.terminate()  # torchrun stops its workers on SIGTERM
-        time.sleep(5)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if timed_out or any(p.returncode for p in procs):  # (on success the tests check that none is left)
         for pid in processes_mentioning(marker):
             os.kill(pid, signal.SIGKILL)
     out = []
@@ -98,7 +108,7 @@ def _run(cmds: list[list[str]], envs: list[dict], marker: str, timeout: float) -
         f.seek(0)
         out.append(f.read())
         f.close()
-    if any(p.returncode is None for p in procs) or time.monotonic() > deadline:
+    if timed_out:
         pytest.fail("data-parallel processes timed out:\n" + "\n".join(o[-2000:] for o in out))
     return subprocess.CompletedProcess(cmds, max(abs(p.returncode) for p in procs), "\n".join(out))
 
