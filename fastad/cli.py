@@ -52,6 +52,8 @@ def cmd_train(args) -> int:
     from . import registry
     from .training.loop import train
 
+    if args.nproc is not None:
+        return _launch_data_parallel(args)
     family = registry.get(args.model)
     options = {k: getattr(args, k) for k in SHARED_TRAIN_OPTIONS}
     own = {o.dest for o in family.options}
@@ -66,7 +68,29 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     out = train(args.data, args.out, model=family.name, layout=args.layout, device=args.device,
                 resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, **options)
-    print(f"trained {family.name.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
+    if os.environ.get("RANK", "0") == "0":  # one line from a data-parallel run (torchrun sets RANK)
+        print(f"trained {family.name.upper()} in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def _launch_data_parallel(args) -> int:
+    """`fastad train --nproc N …`: the same command in N processes on this machine (torchrun)."""
+    from .training.distributed import launch, launched_world_size
+
+    if launched_world_size() > 1:
+        raise FastADError("--nproc starts torchrun itself: leave it out when running under torchrun")
+    argv, skip = [], False
+    for a in args.argv:  # the command line without --nproc N / --nproc=N
+        if skip or a == "--nproc" or a.startswith("--nproc="):
+            skip = a == "--nproc"
+            continue
+        argv.append(a)
+    if args.nproc == 1:
+        args.nproc = None
+        return cmd_train(args)
+    t0 = time.perf_counter()
+    launch(argv, args.nproc, args.device)
+    print(f"trained in {args.nproc} processes in {time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0
 
 
@@ -357,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="data-parallel training in N processes on this machine (torchrun; one GPU each on "
+                        "CUDA); the batch size is the global batch, split over them. Several machines: "
+                        "run `torchrun … -m fastad train …` on each (docs/distributed.md)")
     added: set[str] = set()
     for family in registry.FAMILIES.values():  # each family's own options, in a group of its own
         options = [o for o in family.options if o.flag and o.dest not in added]

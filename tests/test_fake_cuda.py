@@ -72,7 +72,8 @@ def _train_one_step_each(task, model) -> None:
         gen = torch.Generator().manual_seed(0)
         if stage.epoch_begin:
             stage.epoch_begin(gen)
-        stage.step(torch.arange(stage.batch_size), gen, 0)
+        loss, _ = stage.step(torch.arange(stage.batch_size), gen, 0)
+        loss.backward()
         stage.optimizer.step()
         stage.optimizer.zero_grad(set_to_none=True)
         if stage.end:
@@ -127,7 +128,7 @@ def test_family_on_fake_cuda(fake_cuda, family):
         with _loss_floats_stubbed():
             _train_one_step_each(task, model)
             task.finish()
-        task.image_scores()
+        task.image_scores(list(range(4)))
         _infer_every_impl(model.eval(), images)
         engine = TorchEngine.__new__(TorchEngine)  # the engine's run() without a run directory
         engine.device = CUDA

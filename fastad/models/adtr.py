@@ -494,7 +494,7 @@ class ADTRTask(Task):
         self.model, self.device = model, device
         cfg = model.cfg
         t0 = time.perf_counter()
-        self.tokens, synthetic_pool = _cache_normal_and_synthetic(model, samples, device, progress)
+        self.tokens, synthetic_pool = _cache_normal_and_synthetic(model, samples, device, progress, self.map_batches)
         labelled = (_cache_labelled_anomalies(model, self.anomaly_samples, self.labels, device)
                     if self.anomaly_samples else None)
         pools = [p for p in (labelled, synthetic_pool) if p is not None]
@@ -527,8 +527,7 @@ class ADTRTask(Task):
             x = self.tokens[idx].to(device, non_blocking=True)
             if pool is None:
                 loss = mse_loss(x, model.reconstruct(x))
-                loss.backward()
-                return {"loss": loss.item(), "normal": loss.item(), "anomalous": 0.0}
+                return loss, {"loss": loss.item(), "normal": loss.item(), "anomalous": 0.0}
             k = min(cfg.anomaly_batch, len(pool))
             pick = order["anomalies"][(step_index * k + torch.arange(k)) % len(pool)]
             xa = pool.tokens[pick].to(device)
@@ -538,8 +537,8 @@ class ADTRTask(Task):
             losses = anomaly_available_loss(
                 phi_n, phi_a[px] if bool(px.any()) else None, pool.y[pick].to(device)[px],
                 phi_a[~px] if bool((~px).any()) else None, cfg)
-            losses.total.backward()
-            return {"loss": losses.total.item(), "normal": losses.normal.item(), "anomalous": losses.anomalous.item()}
+            return losses.total, {"loss": losses.total.item(), "normal": losses.normal.item(),
+                                  "anomalous": losses.anomalous.item()}
 
         stage.step, stage.lr_at, stage.epoch_begin = step, lr_at, epoch_begin
         return [stage]
@@ -548,18 +547,19 @@ class ADTRTask(Task):
         self.model.fit_normalisation(self.tokens)
 
     @torch.no_grad()
-    def image_scores(self, max_images: int = 64, batch_size: int = 16):
-        n = min(max_images, self.tokens.shape[0])
-        scores = [self.model.score_tokens(self.tokens[i:min(i + batch_size, n)].to(self.device))[1].float().cpu()
-                  for i in range(0, n, batch_size)]
+    def image_scores(self, indices: list[int], batch_size: int = 16):
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        scores = [torch.zeros(0)] + [self.model.score_tokens(self.tokens[rows[i:i + batch_size]].to(self.device))[1]
+                                     .float().cpu() for i in range(0, len(rows), batch_size)]
         return torch.cat(scores).numpy()
 
 
 @torch.no_grad()
-def _cache_normal_and_synthetic(model: ADTR, samples: list, device: torch.device, progress: bool,
+def _cache_normal_and_synthetic(model: ADTR, samples: list, device: torch.device, progress: bool, map_batches,
                                 batch_size: int = 16) -> tuple[torch.Tensor, AnomalyPool | None]:
     """Features of the normal training images (n, N, C) and, when cfg.synthetic is set, of a pool
-    of synthetic anomalies made from them (cfg.synthetic_pool images, default one per image)."""
+    of synthetic anomalies made from them (cfg.synthetic_pool images, default one per image),
+    batch by batch through `map_batches` (`Task.map_batches`: spread over data-parallel ranks)."""
     from tqdm.auto import tqdm
 
     cfg = model.cfg
@@ -568,18 +568,21 @@ def _cache_normal_and_synthetic(model: ADTR, samples: list, device: torch.device
     per_chunk = [0] * math.ceil(n / batch_size)
     for i in range(n_syn):  # synthetic image i comes from chunk (i mod n) // batch_size
         per_chunk[(i % n) // batch_size] += 1
-    normal, syn_tokens, syn_y = [], [], []
     bar = tqdm(total=n + n_syn, desc="features", unit="img", disable=None if progress else True, leave=False)
-    for c, start in enumerate(range(0, n, batch_size)):
-        chunk = samples[start:start + batch_size]
-        images = prepare_images([s.path for s in chunk], cfg.resize, cfg.crop)
-        normal.append(model.tokens(images.to(device)).float().cpu())
+
+    def batch_features(c, start, stop):
+        images = prepare_images([s.path for s in samples[start:stop]], cfg.resize, cfg.crop)
+        normal, syn = model.tokens(images.to(device)).float().cpu(), None
         if per_chunk[c]:
             imgs, masks = synthesise(images, cfg.synthetic, per_chunk[c], seed=cfg.seed * 7919 + c)
-            syn_tokens.append(model.tokens(imgs.to(device)).float().cpu())
-            syn_y.append(grid_labels(masks, model.grid))
-        bar.update(len(chunk) + per_chunk[c])
+            syn = (model.tokens(imgs.to(device)).float().cpu(), grid_labels(masks, model.grid))
+        bar.update(stop - start + per_chunk[c])
+        return normal, syn
+
+    batches = map_batches(batch_features, n, batch_size)
     bar.close()
+    normal = [b[0] for b in batches]
+    syn_tokens, syn_y = [b[1][0] for b in batches if b[1] is not None], [b[1][1] for b in batches if b[1] is not None]
     pool = None
     if n_syn:
         t = torch.cat(syn_tokens)

@@ -550,8 +550,8 @@ TRAIN_OPTIONS = (
 class FODTask(Task):
     """The backbone is frozen and the authors use no augmentation, so every training image's
     tokens are computed once and cached (bottle: 209 images, ~60 MB); an epoch costs only the
-    transformers. One Adam over all levels; each step backpropagates level after level (freeing
-    each level's graph) and then steps once."""
+    transformers. One Adam over all levels; a step's loss is the sum of the levels' losses (they
+    share no parameters, so each level gets its own gradients), backpropagated once by the loop."""
 
     config_class = FODConfig
 
@@ -561,7 +561,7 @@ class FODTask(Task):
     def prepare(self, model: FOD, samples, device, progress: bool) -> dict:
         self.model, self.device = model, device
         t0 = time.perf_counter()
-        self.tokens = cache_tokens(model, [s.path for s in samples], device, progress=progress)
+        self.tokens = cache_tokens(model, [s.path for s in samples], device, self.map_batches, progress=progress)
         feature_seconds = time.perf_counter() - t0
         model.fit_reference([t.to(device) for t in self.tokens])
         compile_stats = self.options.get("compile_stats")
@@ -586,13 +586,13 @@ class FODTask(Task):
         def record(li, out):
             return {f"l{li}_{k}": getattr(out, k).item() for k in ("loss1", "loss2", "rec")}
 
-        def step(idx, gen, _):  # one Adam step on the sum of the levels' gradients
-            losses = {}
+        def step(idx, gen, _):
+            losses, total = {}, 0.0
             for li in range(len(model.levels)):
                 out = level_losses(li, idx, gen)
-                out.total.backward()  # per level: frees its graph before the next level
+                total = total + out.total  # the levels share no parameters: one backward, same gradients
                 losses |= record(li, out)
-            return losses
+            return total, losses
 
         def authors_step(idx, gen, _):
             """The authors' trainer under torch 1.13: for each level zero_grad() — which kept
@@ -610,7 +610,7 @@ class FODTask(Task):
                 out.total.backward()
                 opt.step()
                 losses |= record(li, out)
-            return losses
+            return None, losses
 
         self.fill_zero_grads = False
         if cfg.per_level_steps:
@@ -636,30 +636,33 @@ class FODTask(Task):
         return h.hexdigest()[:16]
 
     @torch.no_grad()
-    def image_scores(self, max_images: int = 64, batch_size: int = 8) -> torch.Tensor:
-        n = min(max_images, self.tokens[0].shape[0])
-        scores = []
-        for start in range(0, n, batch_size):
-            batch = [t[start:min(start + batch_size, n)].to(self.device) for t in self.tokens]
+    def image_scores(self, indices: list[int], batch_size: int = 8):
+        scores = [torch.zeros(0)]
+        for start in range(0, len(indices), batch_size):
+            rows = torch.as_tensor(indices[start:start + batch_size], dtype=torch.long)
+            batch = [t[rows].to(self.device) for t in self.tokens]
             amap = self.model.anomaly_map(self.model.patch_scores(batch))
             scores.append(amap.flatten(1).amax(1).float().cpu())
         return torch.cat(scores).numpy()
 
 
 @torch.no_grad()
-def cache_tokens(model: FOD, paths: list, device: torch.device, batch_size: int = 16,
+def cache_tokens(model: FOD, paths: list, device: torch.device, map_batches, batch_size: int = 16,
                  progress: bool = True) -> list[torch.Tensor]:
-    """Backbone tokens of every image, per level [(n, N_l, C_l)] on the CPU (fp32)."""
+    """Backbone tokens of every image, per level [(n, N_l, C_l)] on the CPU (fp32), computed
+    batch by batch through `map_batches` (`Task.map_batches`: spread over the processes of a
+    data-parallel run)."""
     from tqdm.auto import tqdm
 
     cfg = model.cfg
-    parts: list[list[torch.Tensor]] = [[] for _ in model.levels]
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=None if progress else True, leave=False)
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = prepare_images(chunk, cfg.resize, cfg.crop).to(device)
-        for level, toks in enumerate(model.tokens(images)):
-            parts[level].append(toks.float().cpu())
-        bar.update(len(chunk))
+
+    def batch_tokens(_, start, stop):
+        images = prepare_images(paths[start:stop], cfg.resize, cfg.crop).to(device)
+        toks = [t.float().cpu() for t in model.tokens(images)]
+        bar.update(stop - start)
+        return toks
+
+    batches = map_batches(batch_tokens, len(paths), batch_size)
     bar.close()
-    return [torch.cat(p) for p in parts]
+    return [torch.cat(level) for level in zip(*batches)]

@@ -614,7 +614,7 @@ class UTADTask(Task):
         self.model, self.device = model, device
         t0 = time.perf_counter()
         images = prepare_images([s.path for s in samples], model.cfg.resize, model.cfg.crop)
-        self.images = _batched(model.to_internal, images, "cpu")  # (n, 3, s, s) on the CPU
+        self.images = self._batched(model.to_internal, images, "cpu")  # (n, 3, s, s) on the CPU
         return {"schedule": model.cfg.schedule, "load_seconds": round(time.perf_counter() - t0, 2),
                 "threads": torch.get_num_threads() if device.type == "cpu" else None}
 
@@ -625,20 +625,18 @@ class UTADTask(Task):
 
         def step1(idx, gen, _):
             losses = stage1_losses(model.ie, images[idx].to(device, non_blocking=True), cfg, generator=gen)
-            losses.total.backward()
-            return {k: float(v.detach()) for k, v in losses._asdict().items()}
+            return losses.total, {k: float(v.detach()) for k, v in losses._asdict().items()}
 
         def begin2():  # stage 2's inputs: the frozen impressions of the trained IE-Net
             t0 = time.perf_counter()
-            self.impressions = _batched(model.ie, images, device)
+            self.impressions = self._batched(model.ie, images, device)
             self.impression_seconds = round(time.perf_counter() - t0, 2)
             model.expert.train()
 
         def step2(idx, gen, _):
             x = images[idx].to(device, non_blocking=True)
             losses = stage2_losses(model.expert, x, self.impressions[idx].to(device, non_blocking=True), cfg)
-            losses.total.backward()
-            return {k: float(v.detach()) for k, v in losses._asdict().items()}
+            return losses.total, {k: float(v.detach()) for k, v in losses._asdict().items()}
 
         n = len(images)
         return [Stage("stage1", cfg.epochs1, opt1, step1, n, cfg.batch_size,
@@ -652,25 +650,26 @@ class UTADTask(Task):
         t0 = time.perf_counter()
         model, n = self.model, len(self.images)
         model.pm_scale.fill_(1.0)
-        sums = torch.zeros(2, len(model.cfg.pm_strides))
-        for i in range(0, n, 16):
-            chunk = self.images[i:i + 16].to(self.device)
-            sums += model.level_means(chunk) * chunk.shape[0]
-        model.fit_pm(sums / n)
+        parts = self.map_batches(lambda _, i, j: model.level_means(self.images[i:j].to(self.device)).cpu() * (j - i),
+                                 n, 16)
+        model.fit_pm(sum(parts, torch.zeros(2, len(model.cfg.pm_strides))) / n)
         return {"impression_seconds": self.impression_seconds, "fit_seconds": round(time.perf_counter() - t0, 2),
                 "pm_scale": model.pm_scale.cpu().tolist()}
 
     @torch.no_grad()
-    def image_scores(self, max_images: int = 64, batch_size: int = 8):
-        n = min(max_images, self.images.shape[0])
-        scores = []
-        for i in range(0, n, batch_size):
-            st = self.model.stages(self.images[i:min(i + batch_size, n)].to(self.device))
+    def _batched(self, fn, x: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
+        """fn over x batch by batch (spread over the ranks of a data-parallel run) -> on the CPU."""
+        return torch.cat(self.map_batches(lambda _, i, j: fn(x[i:j].to(device)).cpu(), x.shape[0], batch_size))
+
+    @torch.no_grad()
+    def image_scores(self, indices: list[int], batch_size: int = 8):
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        scores = [torch.zeros(0)]
+        for i in range(0, len(rows), batch_size):
+            st = self.model.stages(self.images[rows[i:i + batch_size]].to(self.device))
             amap = self.model.blur(self.model.pm_terms(st).sum(1))
             scores.append(amap.flatten(1).amax(1).float().cpu())
         return torch.cat(scores).numpy()
 
 
-@torch.no_grad()
-def _batched(fn, x: torch.Tensor, device, batch_size: int = 16) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch_size].to(device)).cpu() for i in range(0, x.shape[0], batch_size)])
+

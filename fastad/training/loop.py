@@ -9,9 +9,13 @@ byte is written. The schedule is fixed: model selection never looks at test data
 interrupted after an epoch continues from its checkpoint with `resume=True` and ends with the
 same weights as an uninterrupted run (shuffling is seeded per epoch).
 
-Seams for what comes later: data-parallel training shards each epoch's seeded `order` by rank in
-`_run_epoch` and wraps the stage's trainable module (the step closes over it) before `stages`
-returns; a fused training kernel is an `impl` of the family's ops, chosen when the model is built.
+Data-parallel training (under torchrun, fastad.training.distributed): every rank shuffles the
+same seeded `order` and takes its part of each step's batch (`par.shard`), the step runs in
+DistributedDataParallel (`par.wrap_step`) so the loop's `backward()` averages gradients across
+ranks, loss values are averaged, normal scores gathered, and rank 0 alone checkpoints and writes
+the run. N processes with batch B/N each end with the weights of one process with batch B.
+Seam for what comes later: a fused training kernel is an `impl` of the family's ops, chosen when
+the model is built.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from ..errors import FastADError
 from ..run import (check_run_dir, exclusive_run_dir, load_checkpoint, run_config, save_checkpoint,
                    saved_run_config, write_run)
 from ..utils import resolve_device, seed_everything
+from .distributed import Parallel
 from .task import Stage, Task
 
 log = logging.getLogger(__name__)
@@ -56,15 +61,19 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
         raise FastADError(f"{', '.join(unknown)}: not an option of {family.name} training")
     out = Path(out)
     check_run_dir(out, resume, overwrite)
-    dev = resolve_device(device)
+    par = Parallel.from_env(resolve_device(device))
+    dev = par.device
     task: Task = family.task(options, resume=resume)
+    task.parallel = par
     saved = saved_run_config(out) if resume else None
     if saved is not None and saved.get("model") != family.name:
         raise FastADError(f"cannot resume {out} as {family.name}: it is a {saved.get('model')} run")
     cfg = _resolve_config(family.name, task, config, saved, out)
+    par.check_batch("training", getattr(cfg, "batch_size", par.world))
     samples = list_samples(data, "train", layout=layout)
     task.check_data(samples)
 
+    par.start()
     with task.threads(dev):
         seed_everything(cfg.seed)
         backbone = task.backbone(cfg, saved)
@@ -72,19 +81,26 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
             raise FastADError(f"cannot resume {out}: its backbone weights ({saved['backbone']['weights_source']}) "
                               f"differ from the ones loaded now ({backbone.weights_source})")
         try:
-            net = family.build(cfg, backbone).to(dev)
+            net = par.prepare_model(family.build(cfg, backbone).to(dev))
         except ValueError as e:
             raise FastADError(f"invalid {family.name} config: {e}") from None
         meta = {"data": str(Path(data).resolve()), "layout": layout, "num_train_images": len(samples),
                 "device": str(dev), "torch": torch.__version__, "python": platform.python_version()}
+        if par.world > 1:
+            meta["processes"] = par.world
+        progress = progress and par.is_main
         meta |= task.prepare(net, samples, dev, progress)
         stages = task.stages(net, dev)
-        history, seconds = _run_stages(family.name, task, net, stages, cfg.seed, out, resume, meta, progress)
+        for stage in stages:
+            par.check_batch(stage.name, min(stage.batch_size, stage.num_samples))
+        history, seconds = _run_stages(family.name, task, net, stages, cfg.seed, out, resume, meta, progress, par)
         net.eval()
         finish = task.finish()
-        normal = score_stats(task.image_scores())
-    training = {**meta, **finish, **_epochs_record(stages, seconds), "history": history}
-    write_run(out, family.name, net, training, normal)
+        normal = score_stats(par.gather_scores(task.image_scores, min(NORMAL_SCORE_IMAGES, len(samples))))
+        training = {**meta, **finish, **_epochs_record(stages, seconds), "history": history}
+        if par.is_main:
+            write_run(out, family.name, net, training, normal)
+        par.barrier()  # every rank returns once the run is written
     return out
 
 
@@ -94,6 +110,9 @@ def _epochs_record(stages: list[Stage], seconds: dict[str, float]) -> dict:
         return {"epochs_done": stages[0].epochs, "train_seconds": seconds[stages[0].name]}
     return {"stages": {s.name: {"epochs_done": s.epochs, "seconds": seconds[s.name]} for s in stages},
             "train_seconds": round(sum(seconds.values()), 2)}
+
+
+NORMAL_SCORE_IMAGES = 64  # training images scored for a run's `normal_scores`
 
 
 def score_stats(scores) -> dict:
@@ -108,9 +127,9 @@ def score_stats(scores) -> dict:
 # Stages and epochs
 # --------------------------------------------------------------------------------------------
 def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, out: Path, resume: bool,
-                meta: dict, progress: bool) -> tuple[list[dict], dict[str, float]]:
+                meta: dict, progress: bool, par: Parallel) -> tuple[list[dict], dict[str, float]]:
     """Every stage's epochs (continuing a checkpoint with `resume`), checkpointing after each
-    epoch. -> (history, seconds per stage)."""
+    epoch (rank 0). -> (history, seconds per stage)."""
     optimizers = [s.optimizer for s in stages]
     done = {s.name: 0 for s in stages}
     seconds = {s.name: 0.0 for s in stages}
@@ -128,15 +147,21 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
     for stage in stages:
         if stage.begin is not None:
             stage.begin()
+        if stage.steps_itself and par.world > 1:
+            raise FastADError(f"{stage.name}: this configuration steps the optimiser itself "
+                              "(e.g. FOD --per-level-steps) and cannot train data-parallel")
+        step = par.wrap_step(stage.optimizer, stage.step)
         for epoch in range(done[stage.name], stage.epochs):
             t0 = time.perf_counter()
             trained = True
-            means = _run_epoch(stage, epoch, seed, progress, multi=len(stages) > 1)
+            means = _run_epoch(stage, step, epoch, seed, progress, multi=len(stages) > 1, par=par)
             secs = time.perf_counter() - t0
             done[stage.name] = epoch + 1
             seconds[stage.name] = round(seconds[stage.name] + secs, 2)
             history.append({**({"stage": stage.name} if len(stages) > 1 else {}), "epoch": epoch + 1,
                             "seconds": round(secs, 2), **{k: round(v, 6) for k, v in means.items()}})
+            if not par.is_main:
+                continue
             log.info("%s epoch %d/%d  %.1fs  %s", stage.name, epoch + 1, stage.epochs, secs,
                      "  ".join(f"{k}={v:.5f}" for k, v in means.items()))
             out.mkdir(parents=True, exist_ok=True)
@@ -145,13 +170,15 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
                 "run": run_config(family, model, {"training": meta})})
         if stage.end is not None:
             stage.end()
-    if not trained:
+    if not trained and par.is_main:
         log.info("nothing to train: %s already has every epoch", out)
     return history, seconds
 
 
-def _run_epoch(stage: Stage, epoch: int, seed: int, progress: bool, multi: bool) -> dict[str, float]:
-    """One shuffled pass; -> the mean of every loss value over the epoch's steps."""
+def _run_epoch(stage: Stage, step_fn, epoch: int, seed: int, progress: bool, multi: bool,
+               par: Parallel) -> dict[str, float]:
+    """One shuffled pass; -> the mean of every loss value over the epoch's steps. `step_fn` is
+    `stage.step` (in DDP with several processes); each rank takes its part of every batch."""
     from tqdm.auto import tqdm
 
     steps, bs = stage.steps_per_epoch, min(stage.batch_size, stage.num_samples)
@@ -166,7 +193,10 @@ def _run_epoch(stage: Stage, epoch: int, seed: int, progress: bool, multi: bool)
         if stage.lr_at is not None:
             for group in stage.optimizer.param_groups:
                 group["lr"] = stage.lr_at(epoch * steps + step)
-        losses = stage.step(order[step * bs:(step + 1) * bs], gen, step)
+        loss, losses = step_fn(par.shard(order[step * bs:(step + 1) * bs]), gen, step)
+        if not stage.steps_itself:
+            loss.backward()
+        losses = par.mean_values(losses)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
         if not all(math.isfinite(v) for v in sums.values()):

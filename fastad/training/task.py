@@ -4,7 +4,9 @@ The loop (fastad.training.loop) owns everything every family shares: run-directo
 config resolution and resume rules, seeding, shuffling, progress bars, finite-loss checks,
 history, checkpoints for any number of stages and optimisers, atomic run writing. A task owns
 what differs: the backbone it needs, what it caches before the first step, its stages (each an
-optimiser and a `step` that returns its losses after `backward()`), and its normal-score pass.
+optimiser and a `step` that returns the loss to backpropagate and its values), and its
+normal-score pass. Data-parallel training needs nothing more from a task: the loop splits the
+batches and syncs the gradients; `map_batches` spreads a task's per-image caching over the ranks.
 
 This module imports nothing from the families or the loop, so a family module can subclass
 `Task` without an import cycle.
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import FastADError
+from .distributed import Parallel
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,23 @@ class Option:
 class Stage:
     """One optimisation stage: `epochs` passes over `num_samples` items in shuffled batches.
 
-    step(idx, generator, step_index) runs forward and backward on the batch of sample indices
-    `idx` and returns its loss values as floats; the loop checks them, steps `optimizer` and
-    clears the gradients. `generator` is the epoch's shuffling generator (seeded from the seed,
+    step(idx, generator, step_index) runs the forward pass on the batch of sample indices `idx`
+    and returns (loss, values): the scalar tensor to backpropagate and its parts as floats; the
+    loop calls `loss.backward()`, checks the values, steps `optimizer` and clears the gradients.
+    The loss must be a mean over the batch's samples: with N processes each step gets 1/N of the
+    batch and the gradients are averaged. `generator` is the epoch's shuffling generator (seeded from the seed,
     the epoch and `seed_offset`), for any extra randomness the step needs, so a resumed run
     draws the same numbers. `lr_at(global_step)` sets the learning rate before each step.
     `begin` runs before the stage's epochs (even when none are left, e.g. on resume), `end`
     after them, `epoch_begin(generator)` at the start of every epoch. With `steps_itself` the
-    step function steps and clears the optimiser itself (an update schedule the loop's one
-    step per batch cannot express); the loop then only checks the losses.
+    step function backpropagates, steps and clears the optimiser itself (an update schedule the
+    loop's one step per batch cannot express) and returns (None, values); the loop then only
+    checks the values. Such a stage does not run data-parallel.
     """
     name: str
     epochs: int
     optimizer: torch.optim.Optimizer
-    step: Callable[[torch.Tensor, torch.Generator, int], dict[str, float]]
+    step: Callable[[torch.Tensor, torch.Generator, int], tuple[torch.Tensor, dict[str, float]]]
     num_samples: int
     batch_size: int
     seed_offset: int = 0
@@ -80,6 +86,13 @@ class Task:
     def __init__(self, options: dict[str, Any], resume: bool = False):
         self.options = options
         self.resume = resume
+        self.parallel = Parallel()  # this process's rank (set by the loop)
+
+    def map_batches(self, fn: Callable[[int, int, int], Any], num_items: int, batch_size: int) -> list:
+        """[fn(batch_index, start, stop) for each batch of range(num_items)], in order; with
+        several processes each computes its share of the batches and every one gets all results
+        (CPU tensors or tuples/lists of them). For caching per-image features in `prepare`."""
+        return self.parallel.map_batches(fn, num_items, batch_size)
 
     # -- configuration -------------------------------------------------------------------------
     def config_overrides(self) -> dict[str, Any]:
@@ -128,6 +141,7 @@ class Task:
         """After the last stage: fit what is fitted after training; -> training-record entries."""
         return {}
 
-    def image_scores(self, max_images: int = 64):
-        """Image scores of up to `max_images` training images (the run's `normal_scores`)."""
+    def image_scores(self, indices: list[int]):
+        """Image scores (a 1-D array) of the training images at `indices` (the run's
+        `normal_scores`; with several processes each scores a part)."""
         raise NotImplementedError
