@@ -43,7 +43,9 @@ class Stage:
     the epoch and `seed_offset`), for any extra randomness the step needs, so a resumed run
     draws the same numbers. `lr_at(global_step)` sets the learning rate before each step.
     `begin` runs before the stage's epochs (even when none are left, e.g. on resume), `end`
-    after them, `epoch_begin(generator)` at the start of every epoch.
+    after them, `epoch_begin(generator)` at the start of every epoch. `extra_optimizers` are
+    optimisers the step updates itself (e.g. a GAN's discriminator, stepped between its own
+    forward and the generator's): the loop only checkpoints and restores them.
     """
     name: str
     epochs: int
@@ -56,6 +58,7 @@ class Stage:
     begin: Callable[[], None] | None = None
     end: Callable[[], None] | None = None
     epoch_begin: Callable[[torch.Generator], None] | None = None
+    extra_optimizers: tuple[torch.optim.Optimizer, ...] = ()
 
     @property
     def steps_per_epoch(self) -> int:
