@@ -35,7 +35,7 @@ ADTR_TINY = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_laye
                        crop=32, batch_size=2, topk=2)
 UTAD_TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ie_dec_filters=(8, 8, 4, 4),
                        info_hidden=8, latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1, mlp_dim=16,
-                       w_self=1.0, batch_size=2, batch_size2=2)
+                       w_self=1.0, w_gan_ex=1.0, batch_size=2, batch_size2=2)
 
 
 @pytest.fixture

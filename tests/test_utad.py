@@ -31,7 +31,8 @@ from fastad.training.loop import train
 train_utad = partial(train, model="utad")
 
 TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ie_dec_filters=(8, 8, 4, 4), info_hidden=8,
-                  latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1, mlp_dim=16, w_self=1.0,
+                  latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1, mlp_dim=16,
+                  w_self=1.0, w_gan_ex=1.0,
                   epochs1=2, epochs2=2, batch_size=4, batch_size2=4)
 BOTTLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec_ad" / "bottle"
 
@@ -194,8 +195,9 @@ def test_stage_losses_finite_and_reach_their_parameters(pm_net):
     c1, l1, c2, l2 = _step_losses(model, x, imp, TINY)
     assert all(torch.isfinite(v) for v in (c1, c2, *l1, *l2))
     assert all(float(v.detach()) > 0 for v in (c1, c2, *l1[1:], *l2[1:])), (l1, l2)
-    torch.testing.assert_close(l1.total.detach(), TINY.w_rec * l1.rec + TINY.w_kl * l1.kl + TINY.w_mi_local * l1.mi_local
-                               + TINY.w_mi_global * l1.mi_global + TINY.w_gan_img * l1.gan)
+    expected = TINY.w_rec * l1.rec + TINY.w_kl * l1.kl + TINY.w_mi_local * l1.mi_local + \
+        TINY.w_mi_global * l1.mi_global + TINY.w_gan_img * l1.gan
+    torch.testing.assert_close(l1.total.detach(), expected)
     # the critics' losses reach only the critics (their inputs are detached)
     (c1 + c2).backward()
     assert _grads(model.ie_critics.image) and _grads(model.ie_critics.local) and _grads(model.ie_critics.glob)

@@ -1,69 +1,103 @@
 """UTAD — Unsupervised Two-Stage Anomaly Detection (IE-Net + Expert-Net + perceptual measurement).
 
-Read top-down: config → IE-Net (inception autoencoder, information head, MI discriminator) →
-Expert-Net (MUNIT-style content/detail encoders, AdaIN decoders) → perceptual measurement (PM) →
-the whole model (`UTAD.forward`, `UTAD.explain`) → losses of both stages.
+Read top-down: config → IE-Net (inception autoencoder + information head) → critics (training
+only) → Expert-Net (content / detail encoders, AdaIN decoders) → perceptual measurement (PM) →
+the model (`UTAD.forward`, `UTAD.explain`) → image score → losses → training task.
 
-A reconstruction. The authors released test code only (DreamtaleCore/UTAD): the network modules,
-no training code and no perceptual-measurement code. What follows the paper / released modules:
-- IE-Net: encoder of 4 inception blocks, each followed by max-pooling (released: filters 32/64/128,
-  pools 4, 2, 2, 2 → an 8×8×512 latent at 256²), decoder of 4 inception blocks after nearest ×2^k
-  upsampling (the pools mirrored) and a final 3×3 conv + sigmoid. Its output is the *impression*.
-- information head: a 3-layer MLP predicting a Gaussian latent (mean, log-variance, 128-d) with a
-  KL term to N(0, I); a 4-layer MLP discriminator with sigmoid tells (image feature, its latent)
-  from batch-shuffled (image feature, other latent) pairs — mutual information maximisation in the
-  Deep-InfoMax style (binary cross-entropy, minimised jointly by encoder, head and discriminator:
-  a cooperative MI lower bound, not an adversarial game). Loss = 100·rec + MI + 0.1·KL.
-- Expert-Net: MUNIT-style two-way translator. Content encoders (conv blocks + residual blocks) for
-  impressions and images, detail extractors (3 conv layers + adaptive average pooling → 8-d detail
-  code), decoders of AdaIN residual blocks whose (γ, β) come from an MLP on the detail code, then
-  nearest ×2 upsampling conv blocks. reconstruction = G_img(E_c^imp(impression), E_d^img(image));
-  naïve impression = G_imp(E_c^img(image), E_d^imp(impression)). Losses: L1 to the targets and
-  detail-code consistency (the detail extractor applied to an output gives back the code that
-  produced it).
-- PM: feature distances at three depths of a frozen pretrained network (paper: VGG-19 conv1_2,
-  conv2_2, conv3_4), bilinearly upsampled and summed.
+What the authors released (github DreamtaleCore/UTAD, read for this file): the network modules,
+the configs and test scripts — no training step (IE-Net has no training script; Expert-Net's
+`trainer.py` holds only the networks, sampling and resume) and no perceptual-measurement code
+(`test.py` calls a `test_pm.py` that is not in the repository). So the architecture below is
+the release's; the losses are the ones the configs weight, combined as their names and the
+released loss functions say (each reading marked "reading:").
 
-Choices where the paper / released code are silent or impossible here (each written down):
-1. PM distance = `fastad.ops.feature_distance(kind="mse_cos")` (per position MSE + 1 − cos over
-   channels), upsampled and summed over levels (`pm_pair_map`). Two pairs are measured:
-   (input, reconstruction) and (naïve impression, impression) — each pair is "should match on a
-   normal image": the reconstruction is built from the anomaly-free impression, and the naïve
-   impression is built from the (possibly defective) image. Map = sum of both pairs.
-2. Level/pair balance: each of the 6 (pair, level) terms is divided by its mean over the normal
-   training images (`UTAD.fit_pm`, stored as buffers `pm_scale`), so no depth dominates merely
-   because its activations are larger. Fitted on training images only, never on test data.
-3. Perceptual network: VGG-19 cannot be downloaded here, so the default is the offline ImageNet
-   EfficientNet-Lite0 at strides 4, 8, 16 of the internal image (24/40/112 channels; grids
-   32/16/8 at 128²). `pm_backbone="vgg19"` with a user-supplied weights file gives the paper's
-   relu1_2, relu2_2, relu3_4 (timm vgg19 strides 1, 2, 4). How strides 4/8/16 were chosen, in
-   fairness: with a half-trained IE-Net (bottle, 8 epochs), PM(input, impression) at strides
-   2/4/8 gave test pixel AUROC 0.83 and at 4/8/16 0.88 — a choice made looking at test data of one
-   category (docs/results.md); the stride-2 level (16 channels) mostly measures blur.
-4. Internal resolution: the networks run at `cfg.size` (CPU schedule: 128², GPU: 256²). The input
-   (`cfg.crop`², what the runtime feeds) is area-downsampled to `cfg.size` (k×k average pooling,
-   crop = k·size), PM is computed at
-   `cfg.size` (comparing a 128² reconstruction with a 256² input would measure blur everywhere),
-   and the map is upsampled bilinearly to `cfg.crop` and blurred (σ = 4, FOD's GaussianBlur).
-5. Image score = max of the final map (as FOD).
-6. IE-Net details not in the released code summary: inception branch = 1×1 | 1×1→3×3 |
-   1×1→3×3→3×3 | maxpool3→1×1, concat (4·f channels) → BatchNorm → LeakyReLU(0.2); the
-   information head reads the globally average-pooled latent; decoder filters mirror the encoder's.
-   Reconstruction term = mean squared error (an ℓ2 autoencoder gives the blurry, "anomaly-free"
-   impression the paper describes).
-7. AdaIN uses (1 + γ) as the scale so a fresh MLP starts as plain instance normalisation.
-8. Residual decoders: reconstruction = clamp(impression + residual, 0, 1) and naïve impression =
-   clamp(image + residual, 0, 1), the last conv zero-initialised, so Expert-Net starts from
-   "reconstruction = impression, naïve impression = image" and only learns the detail to add
-   (remove). Measured on bottle with the plain MUNIT decoders (sigmoid output, same CPU schedule):
-   Expert-Net did not get below L1 0.028 in 25 epochs — a worse image than the impression it was
-   given — and the final map scored image/pixel AUROC 0.65/0.74, against ≈ 0.95/0.88 for
-   PM(input, impression) alone (a probe with a half-trained IE-Net). The residual form cannot
-   start worse than the impression; with it the defaults reach 0.975/0.907 (docs/results.md).
-Observed, not changed: with the released weights (KL 0.1, MI 1) the latent posterior collapses to
-N(0, I) within two epochs on bottle and the MI loss stays at chance (2·ln 2) — the information
-head and discriminator are trained but carry no information in this reconstruction; they are
-not used at inference.
+IE-Net (released `IE-Net/ie_net/model/inceptionCAE.py`, `Model(n_filters=128)`, 256² input)
+- inception block = four parallel branches 1×1 | 3×3 | 5×5 | maxpool3(stride 1)→1×1, each
+  conv without bias → BatchNorm(eps 1e-3) → LeakyReLU(0.1), concatenated (4·f channels);
+- encoder: blocks with f = 32, 32, 64, 128, each followed by max-pooling 4, 2, 2, 2
+  → latent 8×8×512; decoder: blocks with f = 128, 64, 64, 32, each followed by nearest
+  upsampling ×2, ×4, ×2, ×2, then a 1×1 conv (no bias) and a sigmoid → the *impression*;
+- information head: the latent max-pooled 2×2 (4×4×512, the *local* feature) → 3×3 conv to 64
+  → ReLU → 3×3 conv back to 512 → average pooling → two linears: mean and log-variance of a
+  128-d Gaussian code.
+IE-Net losses (released `IE-Net/configs/mvtec.yaml`; `ie_net/model/discriminator.py`):
+- weight_recon 100 with `loss: l2` → 100·MSE(impression, image);
+- weight_prior_kl 0.1 → 0.1·KL(N(μ, σ²) ‖ N(0, I));
+- weight_gan_img 0.1 with `image_gan: {type: lsgan, num_scales: 3}` → the impression against the
+  released ImageDiscriminator (per scale conv4s2 → ReLU → (conv4s2 → InstanceNorm → ReLU)×2 →
+  conv4s2, 32 channels throughout, 3×3 average pooling between scales), LSGAN;
+- weight_gan_feat_l 1.5 / weight_gan_feat_g 0.5 and weight_dis_local 1.5 / weight_dis_global 0.5
+  → local and global latent critics (released LatentDiscriminaor: MLP in→d→d→d→1 with ReLU and
+  sigmoid, d = min(128, channels), loss −log D(real) − log(1 − D(shuffled)), the feature side
+  shuffled in the batch). Reading: the paper maximises mutual information (Deep InfoMax), and the
+  encoder-side and critic-side weights are equal, so both sides minimise the same BCE
+  (cooperative), not a GAN. Reading of the pairs from the released input sizes: local =
+  (head feature broadcast over the 4×4 grid, local feature) — feat_size²·2·512 inputs; global
+  = (sampled code z, mean μ) — 2·128 inputs (the only 128-d pair the released `forward` returns).
+- optimiser: SGD, ae_lr 1e-3, ae_momentum 0.9, ae_weight_decay 1e-4, batch 128, 400 epochs,
+  warmup_epochs 2, lr ×0.1 at epochs 200 and 350 (`schedule`); critics' lr 1e-4 (d_img_lr,
+  d_feat_lr; reading: Adam β = (0.5, 0.999), the optimiser is not named).
+Expert-Net (released `Expert-Net/networks.py`, `configs/mvtec_ad.yaml`; MUNIT-based): one
+AdaIN autoencoder per domain (gen_i: images, gen_m: impressions): content encoder (conv7, 2
+stride-2 downsamplings, 2 residual blocks, InstanceNorm), detail encoder (conv7, 4 stride-2
+convs, the first two doubling the width, global average pooling, 1×1 conv → 8-d code), decoder
+(2 AdaIN residual blocks whose (γ, β) come from a 3-layer MLP of width 256 on the code, 2 ×
+(nearest ×2 upsampling → conv5 → LayerNorm), conv7 → tanh), width 64, reflect padding.
+Reconstruction = gen_i.decode(content of the impression, detail code of the image); naïve
+impression = gen_m.decode(content of the image, a detail code). Losses (weights of the config):
+gan_w 1 (LSGAN), recon_x_w 10 (image reconstruction), recon_d_w 1 (detail code), recon_c_w 1
+(content); Adam lr 1e-4, β = (0.5, 0.999), weight decay 1e-4, batch 1, 500 000 iterations, lr
+×0.5 every 50 000. The config has no `dis` section for MUNIT's discriminator.
+PM (paper): feature distances at VGG-19 conv1_2, conv2_2, conv3_4, upsampled and summed.
+
+`UTADConfig.gpu()` (`--schedule gpu`) is this released configuration (not run here: no GPU).
+
+What fastad does differently — in every schedule — and why:
+1. Paired translation losses. recon_x_w·L1 is applied to both translations against their pair
+   (reconstruction vs image, naïve impression vs impression), plus w_self·L1 of each domain's own
+   reconstruction (MUNIT's within-domain term); detail and content terms re-encode the two
+   translations against the codes / contents they were decoded from (targets detached); the GAN
+   terms judge the two translations (critics of the released IE-Net design, one per domain, as
+   no Expert-Net discriminator is configured). The naïve impression uses the impression's detail
+   code (the released test script draws random codes; the impression of the test image is at
+   hand and makes the output deterministic).
+2. Residual decoders: reconstruction = clamp(impression + residual, 0, 1), naïve impression =
+   clamp(image + residual, 0, 1), the last conv zero-initialised, sigmoid-range images in [0, 1]
+   instead of tanh; AdaIN scale (1 + γ); GroupNorm(1) as MUNIT's LayerNorm; zero padding.
+   Measured on bottle with plain MUNIT-style decoders: Expert-Net never got below L1 0.028
+   in 25 epochs — worse than the impression it was given — and the map scored image/pixel
+   AUROC 0.65/0.74 (docs/results.md); the residual form cannot start worse than the impression.
+3. PM distance = `fastad.ops.feature_distance(kind="mse_cos")` (per position MSE + 1 − cos over
+   channels), upsampled and summed over levels (`pm_pair_map`), for two pairs that should match
+   on a normal image: (input, reconstruction) and (naïve impression, impression); map = their
+   sum. Each (pair, level) term is divided by its mean over the normal training images
+   (`UTAD.fit_pm`, buffer `pm_scale`) so no depth dominates by scale alone.
+4. Perceptual network: VGG-19 cannot be downloaded here, so the default is the offline ImageNet
+   EfficientNet-Lite0 at strides 4, 8, 16 (24/40/112 channels); `pm_backbone="vgg19"` with a
+   user-supplied weights file gives the paper's layers (timm vgg19 strides 1, 2, 4). Strides
+   4/8/16 over 2/4/8: test pixel AUROC 0.88 vs 0.83 with a half-trained IE-Net on bottle — a
+   choice made on the test data of one category (docs/results.md).
+5. The map is upsampled bilinearly to the input crop and blurred (σ = 4, FOD's GaussianBlur);
+   image score = cfg.score of the blurred map (`map_score`; see the image score section).
+6. The critics' BCE uses logits (`binary_cross_entropy_with_logits`) instead of sigmoid +
+   log(· + 1e-6); the log-variance is clamped to [−10, 10].
+
+The CPU schedule (defaults) — the released configuration with these changes, for a 2-core CPU
+in ≤ 45 minutes (docs/results.md, section UTAD, for every number):
+- networks at 128² (input 256² average-pooled 2×2; `to_internal`); IE-Net filters 8/8/16/32 and
+  32/16/16/8 (a quarter of the released widths), pools 2/2/2/2 and upsampling 2/2/2/2 so the
+  latent keeps the released 8×8 grid (4×4 local feature) at half the resolution, 32-d code;
+  Expert-Net width 8, MLP 64 (released 64 / 256): the released sizes cost ~16× per step;
+- 10 + 25 epochs at batch 8 (released 400 epochs at batch 128 + 500 000 steps at batch 1);
+- IE-Net with Adam lr 1e-3 instead of SGD (momentum 0.9): in 4 epochs SGD leaves the
+  reconstruction far behind (measured, docs/results.md); no lr warm-up or drops in so few epochs;
+  Expert-Net Adam lr 1e-3 with default betas, no weight decay or halving;
+- w_self 0: with residual decoders a domain's own reconstruction asks the decoder to add nothing
+  to its input, which the zero-initialised decoder already does; skipping it saves two decoder
+  passes per step.
+Observed: the information head's code collapses to the prior within two epochs (KL → 1e-4) and
+both MI critics stay at chance (2·ln 2) — measured with and without a KL warm-up
+(`kl_warmup_epochs`) in docs/results.md. The head is not used at inference.
 """
 from __future__ import annotations
 
@@ -128,7 +162,7 @@ class UTADConfig(JSONConfig):
     w_recon_x: float = 10.0                             # recon_x_w
     w_detail: float = 1.0                               # recon_d_w
     w_content: float = 1.0                              # recon_c_w
-    w_gan_ex: float = 1.0                               # gan_w
+    w_gan_ex: float = 0.0                               # gan_w 1
     w_self: float = 0.0                                 # within-domain share of recon_x_w (below)
     # Perceptual measurement and the image score.
     pm_backbone: str = "efficientnet_lite0"
@@ -161,7 +195,7 @@ class UTADConfig(JSONConfig):
         Needs a GPU; not run here."""
         base = dict(size=256, ie_filters=(32, 32, 64, 128), ie_pools=(4, 2, 2, 2),
                     ie_dec_filters=(128, 64, 64, 32), ie_ups=(2, 4, 2, 2), latent_dim=128,
-                    ex_dim=64, mlp_dim=256, w_self=1.0, epochs1=400, epochs2=2400, batch_size=128,
+                    ex_dim=64, mlp_dim=256, w_gan_ex=1.0, w_self=1.0, epochs1=400, epochs2=2400, batch_size=128,
                     batch_size2=1, optimizer1="sgd", lr1=1e-3, weight_decay1=1e-4, lr1_warmup_epochs=2.0,
                     lr1_drops=(0.5, 0.875), lr2=1e-4, betas2=(0.5, 0.999), weight_decay2=1e-4,
                     lr2_halvings=10, schedule="gpu")
@@ -906,7 +940,8 @@ class UTADTask(Task):
             kl_factor = min(1.0, progress1["epoch"] / cfg.kl_warmup_epochs) if cfg.kl_warmup_epochs > 0 else 1.0
             losses = stage1_losses(model.ie_critics, x, out, z, perm, cfg, kl_factor)
             losses.total.backward()
-            return {**{k: float(v.detach()) for k, v in losses._asdict().items()}, "critic": float(critic.detach())}
+            values = {k: float(v.detach()) for k, v in losses._asdict().items()}
+            return {**values, "critic": float(critic.detach())}
 
         steps2 = n // min(cfg.batch_size2, n)
 
@@ -936,7 +971,8 @@ class UTADTask(Task):
                 critic2.zero_grad(set_to_none=True)
             losses = stage2_losses(model.expert, model.expert_critics, x, imp, t, cfg)
             losses.total.backward()
-            return {**{k: float(v.detach()) for k, v in losses._asdict().items()}, "critic": float(critic.detach())}
+            values = {k: float(v.detach()) for k, v in losses._asdict().items()}
+            return {**values, "critic": float(critic.detach())}
 
         return [Stage("stage1", cfg.epochs1, opt1, step1, n, cfg.batch_size, lr_at=lr1_at,
                       begin=model.ie.train, end=model.ie.eval, extra_optimizers=(critic1,)),
