@@ -28,7 +28,7 @@ from fastad.data.synthetic import synthesise
 from fastad.run import load_model
 from fastad.training.loop import train
 
-SCORE_VARIANTS = ("max", "top:0.001", "top:0.01", "top:0.05", "peak:0.001", "peak:0.01", "peak:0.05")
+SCORE_VARIANTS = ("max", "top:0.001", "top:0.01", "top:0.05", "top:0.1", "top:0.2", "peak:0.001", "peak:0.01", "peak:0.05")
 
 
 def split(data: str, every: int, work: Path) -> tuple[Path, list[str]]:
