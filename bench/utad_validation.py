@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     labels = np.r_[np.zeros(n_clean), np.ones(len(images) - n_clean)]
     pix = pixel_auroc(masks.numpy() > 0.5, maps.numpy())
     print(f"{args.name}: {len(images)} images ({n_clean} held-out normal + 3 synthetic copies); "
-          f"train {conf['training'].get('seconds')}; pixel AUROC {pix:.4f}")
+          f"train {conf['training'].get('train_seconds')} s; pixel AUROC {pix:.4f}")
     for score in SCORE_VARIANTS:
         s = map_score(maps, score).numpy()
         per_kind = [image_auroc(np.r_[np.zeros(n_clean), np.ones(n_clean)],
