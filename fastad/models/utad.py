@@ -93,15 +93,18 @@ in ≤ 45 minutes (docs/results.md, section UTAD, for every number):
   latent keeps the released 8×8 grid (4×4 local feature) at half the resolution, 32-d code;
   Expert-Net width 8, MLP 64 (released 64 / 256): the released sizes cost ~16× per step;
 - 10 + 25 epochs at batch 8 (released 400 epochs at batch 128 + 500 000 steps at batch 1);
-- IE-Net with Adam lr 1e-3 instead of SGD (momentum 0.9): in 4 epochs SGD leaves the
-  reconstruction far behind (measured, docs/results.md); no lr warm-up or drops in so few epochs;
+- IE-Net with Adam lr 1e-3 instead of SGD (momentum 0.9): in a few epochs SGD left the
+  reconstruction far behind (a measurement whose outputs were lost, so not in docs/results.md;
+  rerun with `--set optimizer1=sgd` in bench/utad_validation.py); no lr warm-up or drops in so
+  few epochs;
   Expert-Net Adam lr 1e-3 with default betas, no weight decay or halving;
 - w_self 0: with residual decoders a domain's own reconstruction asks the decoder to add nothing
   to its input, which the zero-initialised decoder already does; skipping it saves two decoder
   passes per step.
-Observed: the information head's code collapses to the prior within two epochs (KL → 1e-4) and
-both MI critics stay at chance (2·ln 2) — measured with and without a KL warm-up
-(`kl_warmup_epochs`) in docs/results.md. The head is not used at inference.
+Observed (docs/results.md, posterior collapse): on bottle the information head's code collapses
+to the prior within a few epochs and both MI critics stay at chance (2·ln 2); the collapse is
+partial on PIPED. `kl_warmup_epochs` (not in the release, off by default) ramps the KL weight
+up; its effect is in the same section. The head is not used at inference.
 """
 from __future__ import annotations
 
