@@ -687,7 +687,7 @@ def map_score(amap: torch.Tensor, score: str) -> torch.Tensor:
     flat = amap.flatten(1)
     if kind == "max":
         return flat.amax(1)
-    n = flat.shape[1]
+    n = int(flat.shape[1])  # a constant under ONNX tracing (the map size is fixed)
     top = flat.topk(max(1, int(round(f * n))), dim=1).values.mean(1)
     if kind == "top":
         return top
