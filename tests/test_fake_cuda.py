@@ -33,8 +33,9 @@ CUDA = torch.device("cuda")
 FOD_TINY = FODConfig(d_models=(16, 32), n_heads=2, n_layers=1, crop=32, resize=32, batch_size=2, loss_queries=4)
 ADTR_TINY = ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ffn_dim=64, resize=32,
                        crop=32, batch_size=2, topk=2)
-UTAD_TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4, ex_res=1, mlp_dim=16,
-                       batch_size=2)
+UTAD_TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ie_dec_filters=(8, 8, 4, 4),
+                       info_hidden=8, latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1, mlp_dim=16,
+                       w_self=1.0, w_gan_ex=1.0, batch_size=2, batch_size2=2)
 
 
 @pytest.fixture

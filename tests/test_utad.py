@@ -23,14 +23,17 @@ from fastad.backbones import FeatureExtractor
 from .test_cli import assert_user_error, run_cli
 from fastad.data import make_demo_dataset
 from fastad.errors import FastADError
-from fastad.models.utad import (UTAD, IENet, UTADConfig, derangement, kl_standard_normal, mi_loss,
-                                stage1_losses, stage2_losses)
+from fastad.models.utad import (UTAD, IECritics, IENet, UTADConfig, derangement, kl_standard_normal, map_score,
+                                pair_bce, parse_score, sample_code, stage1_critic_loss, stage1_losses,
+                                stage2_critic_loss, stage2_losses)
 from fastad.training.loop import train
 
 train_utad = partial(train, model="utad")
 
-TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4, ex_res=1, mlp_dim=16,
-                  epochs1=2, epochs2=2, batch_size=4)
+TINY = UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ie_dec_filters=(8, 8, 4, 4), info_hidden=8,
+                  latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1, mlp_dim=16,
+                  w_self=1.0, w_gan_ex=1.0,
+                  epochs1=2, epochs2=2, batch_size=4, batch_size2=4)
 BOTTLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec_ad" / "bottle"
 
 
@@ -68,7 +71,7 @@ def test_fresh_expert_net_returns_its_bases(pm_net):
     model = UTAD(TINY, pm_net).eval()
     x, imp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        recon, naive, _, _ = model.expert(x, imp)
+        recon, naive = model.expert(x, imp)
     torch.testing.assert_close(recon, imp)
     torch.testing.assert_close(naive, x)
 
@@ -78,6 +81,8 @@ def test_shapes(pm_net):
     model = UTAD(TINY, pm_net).eval()
     x = torch.rand(3, 3, 64, 64)
     assert model.ie.encode(model.to_internal(x)).shape == (3, 32, 2, 2)  # 4·8 channels, 32 / 16
+    out = model.ie.outputs(model.to_internal(x))
+    assert out.local.shape == (3, 32, 1, 1) and out.info.shape == (3, 32) and out.mu.shape == out.logvar.shape == (3, 8)
     with torch.no_grad():
         amap, score = model(x)
         ex = model.explain(x)
@@ -88,26 +93,46 @@ def test_shapes(pm_net):
     for k in ("map_recon", "map_impression", "anomaly_map"):
         assert ex[k].shape == (3, 64, 64), k
     torch.testing.assert_close(ex["anomaly_map"], amap)
-    torch.testing.assert_close(score, amap.flatten(1).amax(1))
+    torch.testing.assert_close(score, map_score(amap, TINY.score))
 
 
-def test_gpu_schedule_is_the_released_geometry():
+def test_gpu_schedule_is_the_released_configuration():
+    """The release: inceptionCAE.Model(n_filters=128) at 256², IE-Net/configs/mvtec.yaml,
+    Expert-Net/configs/mvtec_ad.yaml."""
     cfg = UTADConfig.gpu()
     cfg.validate()
     ie = IENet(cfg)
-    assert ie.latent_channels == 512 and cfg.size == 256 and cfg.ie_pools == (4, 2, 2, 2)  # 8×8×512
-    assert cfg.latent_dim == 128 and cfg.w_rec == 100 and cfg.w_kl == 0.1
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        out = ie.outputs(x)
+        h = ie.encode(x)
+    assert h.shape == (1, 512, 8, 8) and out.impression.shape == x.shape and out.local.shape == (1, 512, 4, 4)
+    assert out.mu.shape == (1, 128)
+    # filters 32/32/64/128 (encoder) and 128/64/64/32 (decoder), as channel counts of the blocks
+    assert [b.b1[0].out_channels for b in ie.enc] == [32, 32, 64, 128]
+    assert [b.b1[0].out_channels for b in ie.dec] == [128, 64, 64, 32]
+    assert [b.b5[0].in_channels for b in ie.dec] == [512, 512, 256, 256]
+    conv, bn, act = ie.enc[0].b5
+    assert conv.bias is None and conv.kernel_size == (5, 5) and bn.eps == 1e-3 and act.negative_slope == 0.1
+    assert ie.out.kernel_size == (1, 1) and ie.out.bias is None
+    assert (cfg.w_rec, cfg.w_kl, cfg.w_mi_local, cfg.w_mi_global, cfg.w_gan_img) == (100, 0.1, 1.5, 0.5, 0.1)
+    assert (cfg.w_recon_x, cfg.w_detail, cfg.w_content, cfg.w_gan_ex) == (10, 1, 1, 1)
+    assert cfg.optimizer1 == "sgd" and cfg.batch_size == 128 and cfg.epochs1 == 400 and cfg.lr1_drops == (0.5, 0.875)
+    assert cfg.ex_dim == 64 and cfg.mlp_dim == 256 and cfg.batch_size2 == 1 and cfg.betas2 == (0.5, 0.999)
 
 
-@pytest.mark.parametrize("bad", [dict(ie_pools=(2, 2, 3, 2)), dict(size=48), dict(ie_filters=(4, 4))])
+@pytest.mark.parametrize("bad", [dict(ie_pools=(2, 2, 3, 2)), dict(size=48), dict(ie_filters=(4, 4)),
+                                 dict(ie_ups=(2, 2, 2, 4)), dict(critic_scales=3), dict(optimizer1="lbfgs"),
+                                 dict(score="top:0.9"), dict(score="median")])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         UTADConfig(**{**TINY.to_dict(), **bad}).validate()
     assert UTADConfig.from_dict(TINY.to_dict()) == TINY
+    assert UTADConfig.from_dict(json.loads(json.dumps(UTADConfig.gpu().to_dict()))) == UTADConfig.gpu()
 
 
 # --------------------------------------------------------------------------------------------
-# Losses
+# Losses and the image score
 # --------------------------------------------------------------------------------------------
 def test_kl_and_derangement():
     assert float(kl_standard_normal(torch.zeros(4, 8), torch.zeros(4, 8))) == 0.0
@@ -120,50 +145,86 @@ def test_kl_and_derangement():
         assert sorted(perm.tolist()) == list(range(n)) and (perm != torch.arange(n)).all()
 
 
-def test_mi_loss_rewards_a_discriminator_that_tells_pairs_apart():
-    feat = torch.eye(4)
-    z = torch.eye(4)
-    perm = derangement(4, torch.Generator().manual_seed(0))
+def test_pair_bce_rewards_a_critic_that_tells_pairs_apart():
+    real, fake = torch.ones(4, 2), -torch.ones(4, 2)
 
-    def oracle(pair):  # 1 when z matches the feature, else 0
-        f, zz = pair[:, :4], pair[:, 4:]
-        return (f * zz).sum(1, keepdim=True)
+    def oracle(pairs):  # large logit for real pairs, small for shuffled ones
+        return 50 * pairs[:, :1]
 
-    def coin(pair):
-        return torch.full((pair.shape[0], 1), 0.5)
+    def coin(pairs):
+        return torch.zeros(pairs.shape[0], 1)
 
-    assert float(mi_loss(oracle, feat, z, perm)) < 1e-4
-    assert float(mi_loss(coin, feat, z, perm)) == pytest.approx(2 * np.log(2), rel=1e-5)
+    assert float(pair_bce(oracle, real, fake)) < 1e-4
+    assert float(pair_bce(coin, real, fake)) == pytest.approx(2 * np.log(2), rel=1e-5)
+
+
+def test_map_score_variants():
+    amap = torch.zeros(2, 10, 10)
+    amap[0, 0, 0] = 5.0
+    amap[1] += 1.0
+    amap[1, :2] = 3.0  # 20 pixels at 3 on a level of 1
+    torch.testing.assert_close(map_score(amap, "max"), torch.tensor([5.0, 3.0]))
+    torch.testing.assert_close(map_score(amap, "top:0.1"), torch.tensor([0.5, 3.0]))
+    torch.testing.assert_close(map_score(amap, "peak:0.1"), torch.tensor([0.5, 2.0]))
+    assert parse_score("peak:0.01") == ("peak", 0.01)
+
+
+def _step_losses(model, x, imp, cfg):
+    gen = torch.Generator().manual_seed(0)
+    out = model.ie.outputs(x)
+    z, perm = sample_code(out, gen), derangement(x.shape[0], gen)
+    c1 = stage1_critic_loss(model.ie_critics, x, out, z, perm, cfg)
+    l1 = stage1_losses(model.ie_critics, x, out, z, perm, cfg)
+    t = model.expert.translate(x, imp)
+    c2 = stage2_critic_loss(model.expert_critics, x, imp, t)
+    l2 = stage2_losses(model.expert, model.expert_critics, x, imp, t, cfg)
+    return c1, l1, c2, l2
+
+
+def _grads(module):
+    return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def test_stage_losses_finite_and_reach_their_parameters(pm_net):
     torch.manual_seed(0)
     model = UTAD(TINY, pm_net)
-    x = torch.rand(4, 3, 32, 32)
-    l1 = stage1_losses(model.ie, x, TINY, torch.Generator().manual_seed(0))
-    assert all(torch.isfinite(v) for v in l1)
-    l1.total.backward()
-    for part in (model.ie.enc, model.ie.dec, model.ie.info, model.ie.disc):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
-    assert all(p.grad is None for p in model.expert.parameters())
-    torch.testing.assert_close(l1.total.detach(), TINY.w_rec * l1.rec + TINY.w_mi * l1.mi + TINY.w_kl * l1.kl)
-
-    imp = torch.rand(4, 3, 32, 32)
+    x, imp = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
     with torch.no_grad():  # the decoders' last conv starts at zero (residual form); wake it up
         for dec in (model.expert.dec_img, model.expert.dec_imp):
             dec.up[-1].weight.normal_(0, 0.01)
-    l2 = stage2_losses(model.expert, x, imp, TINY)
-    assert all(torch.isfinite(v) for v in l2) and float(l2.detail) >= 0
+    c1, l1, c2, l2 = _step_losses(model, x, imp, TINY)
+    assert all(torch.isfinite(v) for v in (c1, c2, *l1, *l2))
+    assert all(float(v.detach()) > 0 for v in (c1, c2, *l1[1:], *l2[1:])), (l1, l2)
+    expected = TINY.w_rec * l1.rec + TINY.w_kl * l1.kl + TINY.w_mi_local * l1.mi_local + \
+        TINY.w_mi_global * l1.mi_global + TINY.w_gan_img * l1.gan
+    torch.testing.assert_close(l1.total.detach(), expected)
+    # the critics' losses reach only the critics (their inputs are detached)
+    (c1 + c2).backward()
+    assert _grads(model.ie_critics.image) and _grads(model.ie_critics.local) and _grads(model.ie_critics.glob)
+    assert _grads(model.expert_critics.image) and _grads(model.expert_critics.impression)
+    assert not _grads(model.ie) and not _grads(model.expert)
+    model.zero_grad(set_to_none=True)
+    l1.total.backward()
+    for part in (model.ie.enc, model.ie.dec, model.ie.info, model.ie.mean, model.ie.log_var):
+        assert _grads(part)
+    assert not _grads(model.expert)
     l2.total.backward()
     for part in (model.expert.content_imp, model.expert.content_img, model.expert.detail_img,
                  model.expert.detail_imp, model.expert.dec_img, model.expert.dec_imp):
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+        assert _grads(part)
+    # a zero weight drops its term (and its compute)
+    from dataclasses import replace
+
+    bare = replace(TINY, w_gan_img=0.0, w_mi_local=0.0, w_mi_global=0.0, w_gan_ex=0.0, w_content=0.0, w_self=0.0)
+    c1, l1, _, l2 = _step_losses(model, x, imp, bare)
+    assert float(c1) == 0 and float(l1.gan) == float(l1.mi_local) == 0 and float(l2.gan) == float(l2.content) == 0
 
 
 def test_stage1_overfits_a_few_images():
     torch.manual_seed(0)
-    cfg = UTADConfig(resize=32, crop=32, size=32, ie_filters=(4, 8, 8, 16), batch_size=4)
-    ie = IENet(cfg)
+    cfg = UTADConfig(resize=32, crop=32, size=32, ie_filters=(4, 8, 8, 16), ie_dec_filters=(16, 8, 8, 4),
+                     latent_dim=8, critic_scales=1, batch_size=4, w_gan_img=0.0, w_mi_local=0.0, w_mi_global=0.0)
+    ie, critics = IENet(cfg), IECritics(cfg)
     # Four smooth images (blurry is what an impression is allowed to be).
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
     x = torch.stack([torch.stack([(yy * a + xx * (1 - a)), (1 - yy) * a, xx * a]) for a in (0.2, 0.4, 0.6, 0.8)])
@@ -171,7 +232,8 @@ def test_stage1_overfits_a_few_images():
     gen = torch.Generator().manual_seed(0)
     first = None
     for _ in range(100):
-        losses = stage1_losses(ie, x, cfg, gen)
+        out = ie.outputs(x)
+        losses = stage1_losses(critics, x, out, sample_code(out, gen), derangement(4, gen), cfg)
         losses.total.backward()
         opt.step()
         opt.zero_grad()

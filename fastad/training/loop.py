@@ -130,7 +130,7 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
                 meta: dict, progress: bool, par: Parallel) -> tuple[list[dict], dict[str, float]]:
     """Every stage's epochs (continuing a checkpoint with `resume`), checkpointing after each
     epoch (rank 0). -> (history, seconds per stage)."""
-    optimizers = [s.optimizer for s in stages]
+    optimizers = [s.optimizer for s in stages] + [o for s in stages for o in s.extra_optimizers]
     done = {s.name: 0 for s in stages}
     seconds = {s.name: 0.0 for s in stages}
     history: list[dict] = []

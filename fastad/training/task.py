@@ -48,10 +48,12 @@ class Stage:
     the epoch and `seed_offset`), for any extra randomness the step needs, so a resumed run
     draws the same numbers. `lr_at(global_step)` sets the learning rate before each step.
     `begin` runs before the stage's epochs (even when none are left, e.g. on resume), `end`
-    after them, `epoch_begin(generator)` at the start of every epoch. With `steps_itself` the
-    step function backpropagates, steps and clears the optimiser itself (an update schedule the
-    loop's one step per batch cannot express) and returns (None, values); the loop then only
-    checks the values. Such a stage does not run data-parallel.
+    after them, `epoch_begin(generator)` at the start of every epoch. `extra_optimizers` are
+    optimisers the step updates itself (e.g. a GAN's discriminator, stepped between its own
+    forward and the generator's): the loop only checkpoints and restores them. With
+    `steps_itself` the step function backpropagates, steps and clears the main optimiser itself
+    (an update schedule the loop's one step per batch cannot express) and returns
+    (None, values); the loop then only checks the values. Such a stage does not run data-parallel.
     """
     name: str
     epochs: int
@@ -65,6 +67,7 @@ class Stage:
     end: Callable[[], None] | None = None
     epoch_begin: Callable[[torch.Generator], None] | None = None
     steps_itself: bool = False
+    extra_optimizers: tuple[torch.optim.Optimizer, ...] = ()
 
     @property
     def steps_per_epoch(self) -> int:
