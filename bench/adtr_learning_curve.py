@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="ADTRConfig override")
     p.add_argument("--test", action="store_true", help="also follow the test split")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--record-every", type=int, default=1, metavar="K", help="evaluate every K-th epoch (and the last)")
     args = p.parse_args(argv)
 
     cfg = replace(ADTRConfig.gpu() if args.schedule == "gpu" else ADTRConfig(), **_parse_overrides(args.set))
@@ -99,7 +100,9 @@ def main(argv=None) -> int:
         curve = []
         steps_per_epoch = {}
 
-        def record(stage: str, epoch: int, model) -> dict:
+        def record(stage: str, epoch: int, model) -> dict | None:
+            if epoch % args.record_every and epoch != cfg.epochs:
+                return None
             row = {"epoch": epoch, "steps": epoch * steps_per_epoch.setdefault(
                 "n", (len(train_paths) - (len(held) if args.holdout else 0)) // min(cfg.batch_size, len(train_paths)))}
             for name, ev in evaluations.items():
