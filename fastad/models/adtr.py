@@ -73,18 +73,19 @@ Choices where the specification is silent or ambiguous (each is a config field):
    sees clean inputs can lower its loss by copying them (the identity shortcut the learned queries
    are meant to block, but cross-attention can still route each position to itself); with noisy
    inputs it has to learn what normal features look like and restore them, so anomalous features
-   are "restored" towards normal ones and keep a large error. UniAD's jitter has std
+   are "restored" towards normal ones and keep a large error (the intent; how little it changed
+   the scores here is in docs/results.md). UniAD's jitter has std
    20·‖f_u‖/C on raw features (prob. 1); here the std is a plain constant on standardised tokens
    (comparable: ‖f_u‖/C·20 ≈ 20/√C ≈ 1.5 for unit-variance channels, C = 176). Default 1.0,
    chosen on a validation set without test images; the measurements, including the other values
    tried, are in docs/results.md ("ADTR learning curve").
 10. CPU schedule (`schedule="cpu"`, the default): a smaller transformer than the paper's (d 128,
    4 heads, 2 encoder + 2 decoder layers, FFN 512; lr 1e-3, 12 epochs) so that a CPU run takes
-   several hundred steps instead of about a hundred — the paper's (d 256, 4 + 4 layers) costs
-   ~1 s per batch of 8 on an idle 2-core CPU. How much these steps change the scores is in
-   docs/results.md ("ADTR learning curve"): so far, very little. `ADTRConfig.gpu()` /
-   `--schedule gpu` keeps the paper's transformer with UniAD's released optimiser and schedule
-   (AdamW 1e-4, 1000 epochs; ADTR's own schedule is not published).
+   several hundred steps in the time the paper's (d 256, 4 + 4 layers) takes for about a hundred.
+   Step costs and how much these steps change the scores: docs/results.md ("ADTR learning
+   curve"). `ADTRConfig.gpu()` / `--schedule gpu` keeps the paper's transformer with UniAD's
+   released optimiser and schedule (AdamW 1e-4, 1000 epochs; ADTR's own schedule is not
+   published).
 11. Decoder cross-attention bias (off unless the config sets it): `neighbour_mask` is UniAD's
    neighbour masked attention (its released MVTec config masks a 7×7 window of a 14×14 grid in the
    decoder's cross-attention): a query cannot read the memory around its own position, so it must
