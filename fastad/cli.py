@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -373,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root (one category)")
     p.add_argument("--layout", choices=LAYOUT_CHOICES, help="dataset layout (detected when omitted)")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--epochs", type=_positive_int, help="training epochs (default from the model config)")
+    p.add_argument("--epochs", type=_nonnegative_int,
+                   help="training epochs (default from the model config); 0 writes the untrained starting "
+                        "point (reference features and statistics only), to measure what training adds")
     p.add_argument("--backbone", help="timm backbone name (default efficientnet_lite0)")
     p.add_argument("--weights", help="backbone weights: auto (default: hub, else offline default), none (random), or a file")
     p.add_argument("--batch-size", type=_positive_int)

@@ -266,3 +266,26 @@ def test_onnx_export_matches_torch(tmp_path):
         ref_map, ref_score = model(x)
     assert np.allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-5)
     assert np.allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_jitter_noise_enters_in_standardised_units():
+    """reconstruct(f, noise) is the reconstruction of f + noise·std (choice 9): the noise is added
+    to the standardised tokens, so `jitter` is measured in units of the per-channel std."""
+    torch.manual_seed(0)
+    model = ADTR(tiny_cfg(), RandomBackbone())
+    torch.nn.init.normal_(model.transformer.output_proj.weight, std=0.1)  # not the zero start
+    tokens = torch.randn(3, 16, 16)
+    model.fit_normalisation(tokens * 2 + 1)
+    noise = torch.randn_like(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model.reconstruct(tokens, noise),
+                                   model.reconstruct(tokens + noise * model.feature_scale))
+        assert not torch.allclose(model.reconstruct(tokens, noise), model.reconstruct(tokens))
+
+
+def test_gpu_schedule_is_the_papers_transformer():
+    cfg = ADTRConfig.gpu()
+    assert (cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.ffn_dim) == (256, 8, 4, 4, 1024)
+    assert cfg.schedule == "gpu" and ADTRConfig().schedule == "cpu"
+    with pytest.raises(ValueError):
+        ADTRConfig(schedule="tpu").validate()

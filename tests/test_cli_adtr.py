@@ -140,7 +140,7 @@ def test_cli_train_adtr_with_anomalies_then_eval_excluding(capsys, data, tmp_pat
     assert code == 0, err
     assert "trained ADTR" in out
     conf = json.loads((run / "config.json").read_text())
-    assert conf["model"] == "adtr" and conf["config"]["d_model"] == 256  # the CLI trains the defaults
+    assert conf["model"] == "adtr" and conf["config"]["d_model"] == ADTRConfig().d_model  # the CLI trains the defaults
     report = tmp_path / "r.json"
     code, out, err = run_cli(capsys, "eval", "--run", run, "--data", data, "--report", report,
                              "--exclude-defects", "spot", "--quiet", "--device", "cpu")

@@ -45,14 +45,19 @@ log = logging.getLogger(__name__)
 @exclusive_run_dir  # one training process per run directory (a lock file; see fastad.run)
 def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None = None, layout: str | None = None,
           device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
-          config=None, **options) -> Path:
+          config=None, on_epoch_end=None, **options) -> Path:
     """Train a model family (default: `registry.DEFAULT`) on the normal training images of
     `data`; write the run to `out`.
 
     `options`: the shared ones (epochs, backbone, weights, batch_size, lr, seed; None = the
     config's value) and the family's own (`Family.options` of its registry entry).
     `config`: a full config to start from instead of the family's defaults.
-    With `resume`, only the epochs may change. -> `out`.
+    With `resume`, only the epochs may change. `epochs=0` writes the untrained starting point (the
+    cached reference features and statistics, the model as initialised), a complete loadable run,
+    so that what training adds can be measured against it.
+    `on_epoch_end(stage_name, epoch, model)`: called after every epoch with the model in eval mode
+    and gradients off (e.g. to record a learning curve on a validation set); a dict it returns is
+    added to that epoch's history entry. -> `out`.
     """
     family = registry.get(model or registry.DEFAULT)
     known = {"epochs", "backbone", "weights", "batch_size", "lr", "seed"} | {o.dest for o in family.options}
@@ -93,7 +98,8 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, model: str | None 
         stages = task.stages(net, dev)
         for stage in stages:
             par.check_batch(stage.name, min(stage.batch_size, stage.num_samples))
-        history, seconds = _run_stages(family.name, task, net, stages, cfg.seed, out, resume, meta, progress, par)
+        history, seconds = _run_stages(family.name, task, net, stages, cfg.seed, out, resume, meta, progress, par,
+                                       on_epoch_end)
         net.eval()
         finish = task.finish()
         normal = score_stats(par.gather_scores(task.image_scores, min(NORMAL_SCORE_IMAGES, len(samples))))
@@ -127,7 +133,7 @@ def score_stats(scores) -> dict:
 # Stages and epochs
 # --------------------------------------------------------------------------------------------
 def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, out: Path, resume: bool,
-                meta: dict, progress: bool, par: Parallel) -> tuple[list[dict], dict[str, float]]:
+                meta: dict, progress: bool, par: Parallel, on_epoch_end=None) -> tuple[list[dict], dict[str, float]]:
     """Every stage's epochs (continuing a checkpoint with `resume`), checkpointing after each
     epoch (rank 0). -> (history, seconds per stage)."""
     optimizers = [s.optimizer for s in stages] + [o for s in stages for o in s.extra_optimizers]
@@ -160,6 +166,8 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
             seconds[stage.name] = round(seconds[stage.name] + secs, 2)
             history.append({**({"stage": stage.name} if len(stages) > 1 else {}), "epoch": epoch + 1,
                             "seconds": round(secs, 2), **{k: round(v, 6) for k, v in means.items()}})
+            if on_epoch_end is not None:
+                history[-1] |= _epoch_callback(on_epoch_end, stage.name, epoch + 1, model)
             if not par.is_main:
                 continue
             log.info("%s epoch %d/%d  %.1fs  %s", stage.name, epoch + 1, stage.epochs, secs,
@@ -171,8 +179,23 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
         if stage.end is not None:
             stage.end()
     if not trained and par.is_main:
-        log.info("nothing to train: %s already has every epoch", out)
+        log.info("nothing to train: %s", "0 epochs, writing the untrained starting point"
+                 if not any(s.epochs for s in stages) else f"{out} already has every epoch")
     return history, seconds
+
+
+def _epoch_callback(callback, stage_name: str, epoch: int, model) -> dict:
+    """`callback(stage_name, epoch, model)` in eval mode without gradients; the mode is restored
+    (and the RNG state, so that a callback never changes the training)."""
+    was_training, rng = model.training, torch.get_rng_state()
+    model.eval()
+    try:
+        with torch.no_grad():
+            extra = callback(stage_name, epoch, model)
+    finally:
+        model.train(was_training)
+        torch.set_rng_state(rng)
+    return dict(extra or {})
 
 
 def _run_epoch(stage: Stage, step_fn, epoch: int, seed: int, progress: bool, multi: bool,

@@ -108,9 +108,9 @@ class Task:
 
     def check_config(self, cfg) -> None:
         """Raise FastADError for a config the family cannot train (default: the schedule of a
-        config with `epochs`, `batch_size` and `lr`)."""
-        if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-            raise FastADError(f"epochs and batch size must be >= 1 and lr > 0 "
+        config with `epochs`, `batch_size` and `lr`). 0 epochs is the untrained starting point."""
+        if cfg.epochs < 0 or cfg.batch_size < 1 or not cfg.lr > 0:
+            raise FastADError(f"epochs must be >= 0, batch size >= 1 and lr > 0 "
                               f"(got {cfg.epochs}, {cfg.batch_size}, {cfg.lr})")
 
     def check_data(self, samples: list) -> None:
