@@ -25,12 +25,14 @@ $(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/fa
 demo: install
 	$(VENV)/bin/fastad demo --out demo_out
 
+# Bytecode caching on (some machines set PYTHONDONTWRITEBYTECODE): the tests start many fresh
+# Python processes (CLI, kill/resume, distributed, serving), each importing torch.
 test: install
-	$(PY) -m pytest -q tests
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q tests
 
 # Long real-data runs (MVTec bottle), not part of `make test`.
 test-slow: install
-	$(PY) -m pytest -q -m slow tests
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -m slow tests
 
 # The real-data check of issue 2 (MVTec AD bottle, default settings); ~20 min on a 2-core CPU.
 BOTTLE ?= ../shared/data/mvtec_ad/bottle

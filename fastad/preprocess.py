@@ -304,9 +304,11 @@ def _resize_crop(img: Image.Image, resize: int, crop: int, resample: int) -> Ima
     return img.crop((top, top, top + crop, top + crop))
 
 
-def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256) -> torch.Tensor:
-    """RGB PIL image -> float32 (3, crop, crop) in [0, 1] (bilinear antialiased resize, centre crop)."""
-    img = _resize_crop(_pil_to_rgb(img), resize, crop, Image.BILINEAR)
+def image_to_tensor(img: Image.Image, resize: int = 256, crop: int = 256,
+                    resample: int = Image.BILINEAR) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, crop, crop) in [0, 1] (antialiased resize with `resample`,
+    bilinear by default; centre crop)."""
+    img = _resize_crop(_pil_to_rgb(img), resize, crop, resample)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -422,6 +424,7 @@ def prepare_images(images, resize: int = 256, crop: int = 256) -> torch.Tensor:
 
 __all__ = [
     "load_image",
+    "decode_image",
     "load_mask",
     "crop_offset",
     "image_to_tensor",

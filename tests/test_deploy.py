@@ -443,7 +443,7 @@ def test_predictor_bad_input(run_dir, onnx_path, tmp_path):
     with pytest.raises(FastADError, match="run directory"):
         Predictor(run_dir, backend="onnx")
     with pytest.raises(FastADError, match="unknown backend"):
-        Predictor(run_dir, backend="openvino")
+        Predictor(run_dir, backend="coreml")
     with pytest.raises(FastADError, match="does not exist"):
         Predictor(tmp_path / "x.onnx")
     lonely = tmp_path / "lonely.onnx"
