@@ -78,6 +78,9 @@ def in_child(fn, *, fsize: int | None = None, timeout: float = 300.0) -> tuple[i
     if pid == 0:  # the child: never returns into pytest
         code = 99
         try:
+            # libgomp's thread team does not survive fork(): a parallel op in the child waits
+            # forever for the parent's workers, so the child computes on one thread.
+            torch.set_num_threads(1)
             os.close(r)
             sys.stderr = os.fdopen(w, "w", buffering=1)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
