@@ -73,7 +73,8 @@ def cmd_train(args) -> int:
             if value is None:
                 continue
             if o.dest not in own:
-                raise FastADError(f"{o.flag} is an option of --model {other.name}, not of --model {family.name}")
+                owners = ", ".join(f.name for f in registry.FAMILIES.values() if o.dest in {p.dest for p in f.options})
+                raise FastADError(f"{o.flag} is an option of --model {owners}, not of --model {family.name}")
             options[o.dest] = value
     t0 = time.perf_counter()
     out = train(args.data, args.out, model=family.name, layout=args.layout, device=args.device,

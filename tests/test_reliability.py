@@ -51,6 +51,17 @@ def _eager(monkeypatch):
     monkeypatch.setenv("FASTAD_COMPILE", "0")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every computation of this module on one thread: the forked children must (libgomp's team
+    does not survive fork), and bit-identical comparisons with the parent's runs need the same
+    summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def one_error_line(err: str, needle: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("WARNING", "INFO"))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err

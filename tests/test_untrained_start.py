@@ -21,8 +21,9 @@ from fastad.training.loop import train
 TINY = {"fod": FODConfig(d_models=(32, 64), n_heads=4, n_layers=1, batch_size=4, resize=64, crop=64),
         "adtr": ADTRConfig(d_model=32, n_heads=4, n_encoder_layers=1, n_decoder_layers=1, ffn_dim=64,
                            batch_size=4, resize=64, crop=64, score_pool=4, topk=4),
-        "utad": UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ex_dim=4, ex_res=1, mlp_dim=16,
-                           batch_size=4)}
+        "utad": UTADConfig(resize=64, crop=64, size=32, ie_filters=(4, 4, 8, 8), ie_dec_filters=(8, 8, 4, 4),
+                           info_hidden=8, latent_dim=8, critic_width=8, critic_scales=2, ex_dim=4, ex_res=1,
+                           mlp_dim=16, batch_size=4)}
 OPTIONS = {"fod": {"compile_stats": False}}
 
 

@@ -371,7 +371,7 @@ def test_pm_weights_missing_or_not_vgg(capsys, demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--model", "fod", "--schedule", "gpu"], "option of --model utad"),
+    (["--model", "fod", "--schedule", "gpu"], "option of --model adtr, utad, not of --model fod"),
     (["--model", "utad", "--backbone", "resnet18"], "--pm-backbone"),
     (["--model", "utad", "--pm-backbone", "no_such_net"], "no_such_net"),
     (["--model", "utad", "--batch-size", "1"], "batch size"),

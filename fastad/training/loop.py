@@ -155,7 +155,7 @@ def _run_stages(family: str, task: Task, model, stages: list[Stage], seed: int, 
             stage.begin()
         if stage.steps_itself and par.world > 1:
             raise FastADError(f"{stage.name}: this configuration steps the optimiser itself "
-                              "(e.g. FOD --per-level-steps) and cannot train data-parallel")
+                              "(a per-level update schedule) and cannot train data-parallel")
         step = par.wrap_step(stage.optimizer, stage.step)
         for epoch in range(done[stage.name], stage.epochs):
             t0 = time.perf_counter()
