@@ -46,7 +46,7 @@ def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: i
                        limit: int = CALIBRATION_IMAGES) -> np.ndarray:
     """Up to `limit` normal images as float32 (n, 3, S, S): from `calibration` (a folder of images,
     or a dataset root with a train split), else from the run's recorded training data."""
-    from fastad.data.layouts import list_samples
+    from fastad.data.layouts import _images_in, list_samples
     from fastad.preprocess import prepare_images
     from fastad.run import read_run_config
 
@@ -61,8 +61,7 @@ def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: i
         root = Path(calibration)
         if not root.is_dir():
             raise FastADError(f"--calibration {root}: not a directory")
-        exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-        paths = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in exts)
+        paths = [str(p) for p in _images_in(root)]
         if not paths:
             paths = [s.path for s in list_samples(root, "train")]
     if not paths:

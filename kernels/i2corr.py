@@ -123,6 +123,19 @@ if triton is not None:
         return tl.log2(total)
 
     @triton.jit
+    def _scaled_logits(q, k_base, offs_n, offs_d, d_ok, skn, skd, N, qk_scale,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One key tile's log2-scaled logits (BLOCK_M, BLOCK_N), −inf past N; -> (logits, which
+        keys are real). Both passes call it, so pass 2 recomputes exactly pass 1's logits."""
+        col_ok = offs_n < N
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        return tl.where(col_ok[None, :], qk * qk_scale, float("-inf")), col_ok
+
+    @triton.jit
     def _i2corr_fwd_kernel(
         Q, K, V, Sigma, Out, KL, Ent,
         sqb, sqh, sqn, sqd,
@@ -163,13 +176,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < N
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))  # log2-scaled logits
+            qk, col_ok = _scaled_logits(q, k_base, offs_n, offs_d, d_ok, skn, skd, N, qk_scale,
+                                        UPCAST, DOT_PRECISION)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
@@ -210,13 +218,8 @@ if triton is not None:
         ent = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < N
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # the same logits as pass 1
-            qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+            qk, col_ok = _scaled_logits(q, k_base, offs_n, offs_d, d_ok, skn, skd, N, qk_scale,
+                                        UPCAST, DOT_PRECISION)
             s = tl.exp2(qk - lse2[:, None])  # 0 on the ragged tail
             log_s = tl.log2(s + TL_LOG_EPS)
             ent += tl.sum(s * log_s, 1)
