@@ -15,7 +15,8 @@ baseline" is what F's training adds.
 `--validation`: no test images — every 4th normal training image is held out of the bank and
 scored with three synthetic-defect copies of each (fastad.data.synthetic), as
 bench/fod_level_validation.py builds its set. `--compare` (with `--run`) scores the run's trained
-model on the same images. `--resample lanczos` resizes with PIL's Lanczos filter instead of the
+model on the same images; each `--variant KEY=VALUE[,KEY=VALUE]` scores it again with those
+config fields changed (scoring options only, e.g. FOD's `inter_weight=global`). `--resample lanczos` resizes with PIL's Lanczos filter instead of the
 default bilinear one (the FOD authors' `ANTIALIAS`).
 """
 from __future__ import annotations
@@ -182,6 +183,28 @@ def untrained(family_name: str):
     return family.build(cfg, task.backbone(cfg, None)).eval()
 
 
+def parse_variant(cfg, text: str) -> dict:
+    """"k=v,k2=v2" -> {field: value} typed like `cfg`'s current values."""
+    changes = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(cfg, key):
+            raise FastADError(f"--variant {text!r}: expected KEY=VALUE with KEY a field of {type(cfg).__name__}")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = value if isinstance(current, str) else type(current)(value)
+    return changes
+
+
+@torch.no_grad()
+def model_scores(model, images, labels, masks, defects) -> dict:
+    out = [model(images[i:i + 8]) for i in range(0, len(images), 8)]
+    return evaluate(labels, torch.cat([o[1] for o in out]).numpy(), masks.numpy(),
+                    torch.cat([o[0] for o in out]).numpy(), defects=defects)
+
+
 def summary(result: dict) -> dict:
     return {k: result.get(k) for k in ("image_auroc", "pixel_auroc", "aupro")}
 
@@ -195,14 +218,17 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default=None)
     p.add_argument("--validation", action="store_true", help="held-out training images + synthetic defects")
     p.add_argument("--compare", action="store_true", help="also score the --run's trained model")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="with --compare: also score the model with these config fields changed")
     p.add_argument("--resample", choices=sorted(RESAMPLE), default="bilinear")
     p.add_argument("--report", help="write the numbers as JSON here")
     args = p.parse_args(argv)
     try:
-        if args.compare and not args.run:
-            raise FastADError("--compare needs --run")
+        if (args.compare or args.variant) and not args.run:
+            raise FastADError("--compare and --variant need --run")
         model = load_model(args.run, device="cpu")[0].eval() if args.run else untrained(args.model)
         cfg = model.cfg
+        variants = {v: parse_variant(cfg, v) for v in args.variant}
         split = validation_split if args.validation else test_split
         train, images, masks, labels, defects = split(args.data, args.layout, cfg.resize, cfg.crop,
                                                       RESAMPLE[args.resample])
@@ -217,16 +243,18 @@ def main(argv=None) -> int:
         bank, calibration = train[~held], train[held]
     maps, scores = knn_scores(view, bank, images, calibration)
     rows = {"knn": summary(evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), defects=defects))}
-    if args.compare:
-        with torch.no_grad():
-            out = [model(images[i:i + 8]) for i in range(0, len(images), 8)]
-        rows["model"] = summary(evaluate(labels, torch.cat([o[1] for o in out]).numpy(), masks.numpy(),
-                                         torch.cat([o[0] for o in out]).numpy(), defects=defects))
+    if args.compare or variants:
+        rows["model"] = summary(model_scores(model, images, labels, masks, defects))
+    for name, changes in variants.items():
+        saved = {k: getattr(cfg, k) for k in changes}
+        vars(cfg).update(changes)
+        rows[f"model[{name}]"] = summary(model_scores(model, images, labels, masks, defects))
+        vars(cfg).update(saved)
     what = "validation (held-out training images + synthetic defects)" if args.validation else "test split"
     print(f"{model.family} features, {args.data}, {what}, resample {args.resample}: "
           f"{len(bank)} bank images, {len(images)} scored")
     for name, r in rows.items():
-        print(f"  {name:6s} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+        print(f"  {name:24s} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
               f"AUPRO {r['aupro']:.4f}")
     if args.report:
         with open(args.report, "w") as f:

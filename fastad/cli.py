@@ -16,27 +16,15 @@ from pathlib import Path
 
 from .backends import BACKENDS, PRECISIONS
 from .errors import FastADError
+from .training.task import int_at_least
 
 log = logging.getLogger("fastad")
 
 LAYOUT_CHOICES = ("mvtec", "mvtec3d", "btad", "visa", "folder")
 
 
-def _int_at_least(minimum: int, kind: str):
-    """An argparse type: an integer >= `minimum`, else "expected a {kind} integer"."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive")
-_nonnegative_int = _int_at_least(0, "non-negative")
+_positive_int = int_at_least(1, "positive")
+_nonnegative_int = int_at_least(0, "non-negative")
 
 
 def _positive_float(text: str) -> float:

@@ -82,6 +82,11 @@ def test_crop_must_fit_the_strides():
         FOD(FODConfig(d_models=(32, 64), crop=72, resize=72), RandomBackbone())
 
 
+def test_unknown_inter_weight_is_refused():
+    with pytest.raises(ValueError, match="inter_weight must be one of"):
+        FOD(tiny_cfg(inter_weight="max"), RandomBackbone())
+
+
 def test_config_without_hypercolumn_key_loads_the_authors_features():
     saved = {k: v for k, v in FODConfig().to_dict().items() if k != "hypercolumn"}
     assert FODConfig.from_dict(saved).hypercolumn is False

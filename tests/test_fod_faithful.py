@@ -111,7 +111,7 @@ def literal_losses(tokens, recon, intra, inter, l1=0.5, l2=0.5):
     return loss1, loss2
 
 
-def literal_scores(level, tokens):
+def literal_scores(level, tokens, weighting="softmax"):
     with torch.no_grad():
         recon, _, inter = literal_level(level, tokens)
         kl = 0.0
@@ -121,7 +121,8 @@ def literal_scores(level, tokens):
         weight = torch.softmax(-kl, dim=-1)
         weight = weight.max(dim=-1, keepdim=True).values - weight
         rec = torch.mean((tokens - recon) ** 2, dim=-1) + 1 - F.cosine_similarity(tokens, recon, dim=-1)
-        return rec * weight
+        # fastad's other weightings of the same divergence (FODConfig.inter_weight)
+        return {"softmax": rec * weight, "global": rec * (1 - torch.exp(-kl)), "none": rec}[weighting]
 
 
 # ---- the comparisons --------------------------------------------------------------------------
@@ -148,12 +149,13 @@ def test_losses_and_gradients_match_literal():
         assert torch.allclose(p.grad, ref_grads[name], rtol=1e-6, atol=1e-9), name
 
 
-def test_scores_match_literal():
+@pytest.mark.parametrize("weighting", ["softmax", "global", "none"])
+def test_scores_match_literal(weighting):
     level = make_level(1)
     tokens = torch.randn(B, N, C, dtype=torch.float64)
     with torch.no_grad():
-        ours = level.score(tokens, "reference")
-    assert torch.allclose(ours, literal_scores(level, tokens), rtol=1e-9, atol=1e-12)
+        ours = level.score(tokens, "reference", weighting)
+    assert torch.allclose(ours, literal_scores(level, tokens, weighting), rtol=1e-9, atol=1e-12)
 
 
 class FixedBackbone(torch.nn.Module):

@@ -87,3 +87,13 @@ def test_negative_epochs_is_a_user_error(capsys, demo_data, tmp_path):
         main(["train", "--data", str(demo_data), "--out", str(tmp_path / "r"), "--epochs=-1"])
     assert e.value.code == 2 and "non-negative" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_fod_options_parse_and_bad_values_are_user_errors(capsys, demo_data, tmp_path):
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--loss-queries", "64",
+                                      "--inter-weight", "global"])
+    assert (args.loss_queries, args.inter_weight) == (64, "global")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(demo_data), "--out", str(tmp_path / "r"), "--loss-queries=-1"])
+    assert e.value.code == 2 and "non-negative" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

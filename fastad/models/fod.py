@@ -39,15 +39,14 @@ Deliberate deviations (each is tested or numerically identical):
 5. The Gaussian blur runs inside the model (separable conv, scipy's `reflect` boundary and
    `truncate=4.0`) so that the exported graph produces the final map; pixel metrics are computed
    on that final (blurred) map, whereas the authors compute pixel AUROC before the blur.
-6. On by default (`loss_queries = 256`; 0 = every row, as the authors): the divergence/entropy
-   losses are computed on a random subset of 256 query rows per step at levels with more tokens
-   (stride 8: 1,024), an unbiased estimate of their mean over queries — a CPU-time knob. The
-   attention outputs and the reconstruction always use every query. Every query row
-   (`loss_queries=0`, the authors' training) runs through the fused I2Correlation branch
-   (`fastad.kernels.i2corr_grad`: O(N) memory, the gradients of the materialised formulas,
-   tests/test_i2corr_grad.py), as does every level with at most `loss_queries` tokens; its CPU
-   cost per step keeps it from being the default on a CPU (docs/results.md, "FOD training in
-   O(N) memory").
+6. Off by default (`loss_queries = 0`: every query row, as the authors). Every row trains
+   through the fused I2Correlation branch (`fastad.kernels.i2corr_grad`: O(N) memory, exactly the
+   gradients of the materialised formulas, tests/test_i2corr_grad.py). `loss_queries = K > 0`
+   computes the divergence/entropy losses on a random subset of K query rows per step at levels
+   with more tokens (an unbiased estimate of their mean over queries), a CPU-time knob: on bottle
+   256 rows trained in 18–19 min instead of 22.5 min with the same test metrics
+   (docs/results.md, "FOD training in O(N) memory"). The attention outputs and the
+   reconstruction always use every query.
 7. No checkpoint selection on the test set (the authors keep the best test-set epoch): the trainer
    runs a fixed schedule.
 8. Tokens are standardised per channel (mean/std of the training tokens) before both embeddings,
@@ -113,7 +112,7 @@ from fastad.backbones import FeatureExtractor
 from fastad.layers import GaussianBlur, sincos_position_code
 from fastad.ops import at_least_fp32, attn_entropy, patch_positions, rbf_target_at, safe_sigma, sym_kl
 from fastad.preprocess import prepare_images
-from fastad.training.task import Option, Stage, Task
+from fastad.training.task import Option, Stage, Task, int_at_least
 from fastad.utils import JSONConfig
 
 log = logging.getLogger(__name__)
@@ -137,6 +136,10 @@ class FODConfig(JSONConfig):
     # How the upsampled level maps are combined: "geometric" (default, deviation 9) or "mean"
     # (the authors' arithmetic mean).
     level_combine: str = "geometric"
+    # The inter-correlation weight on the reconstruction error (INTER_WEIGHTS): "softmax" (the
+    # authors' max − softmax(−div) over each image's patches, deviation 4), "global" (1 − exp(−div),
+    # the same shape without the per-image normaliser) or "none" (reconstruction error only).
+    inter_weight: str = "softmax"
     # Training schedule (FODTask; stored so a run can be resumed/reproduced).
     # The authors' batch size and learning rate; 8 epochs (they run 100 and keep the best test
     # epoch) keep MVTec bottle within a 30-minute CPU budget, and batch 1 is also the cheapest
@@ -146,9 +149,8 @@ class FODConfig(JSONConfig):
     lr: float = 1e-4
     seed: int = 3407
     # Query rows per step in the KL/entropy losses at levels with more tokens than this
-    # (deviation 6); 0 = all rows, as the authors (the fused O(N)-memory branch). 256 keeps CPU
-    # training of bottle within 30 minutes (timings: docs/results.md, "FOD training in O(N) memory").
-    loss_queries: int = 256
+    # (deviation 6); 0 = all rows, as the authors, through the fused O(N)-memory branch.
+    loss_queries: int = 0
     # Deviation 10: each level's tokens also carry the backbone stage at half its stride,
     # 2×2-average-pooled onto the level's grid (a hypercolumn). False = the authors' features.
     hypercolumn: bool = True
@@ -348,6 +350,25 @@ class LevelOutput(NamedTuple):
     inter: list[BranchStats]
 
 
+INTER_WEIGHTS = ("softmax", "global", "none")
+
+
+def inter_weight(div: torch.Tensor, how: str) -> torch.Tensor | None:
+    """Per-patch weight (B, N) from the inter-branch divergence `div` (B, N), FOD's Eq. 12.
+
+    "softmax": the authors' max − softmax(−div) over each image's patches (deviation 4). Its scale
+    is exp(−min div) / Σ exp(−div) of that image: an image whose patches all diverge alike (a
+    global change) gets a small weight everywhere. "global": 1 − exp(−div), the same shape anchored
+    at div = 0 (sym-KL ≥ 0) with no per-image normaliser. "none": no weight.
+    """
+    if how == "softmax":
+        weight = torch.softmax(-div, dim=-1)
+        return weight.amax(dim=-1, keepdim=True) - weight
+    if how == "global":
+        return -torch.expm1(-div)
+    return None
+
+
 class FODLevel(nn.Module):
     """The transformer of one feature level. Tokens (B, N, C) -> reconstruction (B, N, C)."""
 
@@ -390,18 +411,17 @@ class FODLevel(nn.Module):
             inter.append(s_inter)
         return LevelOutput(self._reconstruct(x), intra, inter)
 
-    def score(self, tokens: torch.Tensor, impl: str) -> torch.Tensor:
+    def score(self, tokens: torch.Tensor, impl: str, weighting: str = "softmax") -> torch.Tensor:
         """Per-patch anomaly score (B, N): reconstruction error (mean_c (x − x̂)² + 1 − cos) ×
-        inter-correlation weight."""
+        inter-correlation weight (`inter_weight(div, weighting)`)."""
         x, ref = self._embed(tokens)
         div = 0.0
         for layer in self.layers:
             x, kl = layer.inference(x, ref, self.grid, impl)
             div = div + kl.mean(1)  # mean over heads
         div = div / len(self.layers)
-        weight = torch.softmax(-div, dim=-1)
-        weight = weight.amax(dim=-1, keepdim=True) - weight  # deviation 4: max per image
-        return ops.feature_distance(tokens, self._reconstruct(x), kind="mse_cos", weight=weight, impl=impl)
+        return ops.feature_distance(tokens, self._reconstruct(x), kind="mse_cos",
+                                    weight=inter_weight(div, weighting), impl=impl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +443,8 @@ class FOD(nn.Module):
         self.impl = ops.check_impl(impl)  # scoring's hot ops (fastad.ops); training ignores it
         if cfg.level_combine not in ("geometric", "mean"):
             raise ValueError(f"level_combine must be 'geometric' or 'mean', got {cfg.level_combine!r}")
+        if cfg.inter_weight not in INTER_WEIGHTS:
+            raise ValueError(f"inter_weight must be one of {INTER_WEIGHTS}, got {cfg.inter_weight!r}")
         if any(cfg.crop % s for s in cfg.backbone_strides()):
             raise ValueError(f"crop {cfg.crop} must be a multiple of every backbone stride {cfg.backbone_strides()}")
         if list(backbone.strides) != list(cfg.backbone_strides()):
@@ -470,7 +492,7 @@ class FOD(nn.Module):
             level.feature_scale.copy_(toks.std((0, 1)).clamp_min(1e-6))
 
     def patch_scores(self, level_tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [level.score(t, self.impl) for level, t in zip(self.levels, level_tokens)]
+        return [level.score(t, self.impl, self.cfg.inter_weight) for level, t in zip(self.levels, level_tokens)]
 
     def level_maps(self, patch_scores: list[torch.Tensor]) -> torch.Tensor:
         """Per-level (B, N_l) -> (L, B, S, S), bilinear upsample (align_corners)."""
@@ -541,6 +563,14 @@ TRAIN_OPTIONS = (
     Option("per_level_steps", "--per-level-steps",
            dict(action="store_true", default=None,
                 help="the authors' update: one Adam step per level, zero gradients kept (deviation 11)")),
+    Option("loss_queries", "--loss-queries",
+           dict(type=int_at_least(0, "non-negative"), default=None,
+                help="query rows per step in the KL/entropy losses (deviation 6); 0 = every row, "
+                     "as the authors")),
+    Option("inter_weight", "--inter-weight",
+           dict(choices=list(INTER_WEIGHTS), default=None,
+                help="scoring weight from the inter-branch divergence: softmax (the authors', per "
+                     "image), global (1 - exp(-div)) or none")),
     # Python API only: torch.compile the KL/entropy statistics (default on unless FASTAD_COMPILE=0);
     # ~3x faster CPU steps after ~20 s of compiling.
     Option("compile_stats", None),

@@ -13,6 +13,7 @@ This module imports nothing from the families or the loop, so a family module ca
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,6 +35,19 @@ class Option:
     dest: str
     flag: str | None
     kwargs: dict = field(default_factory=dict)
+
+
+def int_at_least(minimum: int, kind: str):
+    """An argparse type: an integer >= `minimum`, else "expected a {kind} integer"."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
+        return value
+    return parse
 
 
 @dataclass
