@@ -17,12 +17,19 @@ scored with three synthetic-defect copies of each (fastad.data.synthetic), as
 bench/fod_level_validation.py builds its set. `--compare` (with `--run`) scores the run's trained
 model on the same images; each `--variant KEY=VALUE[,KEY=VALUE]` scores it again with those
 config fields changed (scoring options only, e.g. FOD's `inter_weight=global`). `--resample lanczos` resizes with PIL's Lanczos filter instead of the
-default bilinear one (the FOD authors' `ANTIALIAS`).
+default bilinear one (the FOD authors' `ANTIALIAS`). `--training-folder OUT` writes the
+validation split's training images as a folder-layout dataset, so a trained run can be compared on
+the validation set without having seen its images:
+
+    python bench/knn_baseline.py --data ../shared/data/piped/PA_BDP01_TL --model fod --training-folder /tmp/val/BDP
+    fastad train --model fod --data /tmp/val/BDP --layout folder --out runs/val_BDP
+    python bench/knn_baseline.py --run runs/val_BDP --data ../shared/data/piped/PA_BDP01_TL --validation --compare
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -155,11 +162,20 @@ def test_split(data, layout, resize, crop, resample):
     return train, images, masks, np.array([s.label for s in samples]), [s.defect for s in samples]
 
 
-def validation_split(data, layout, resize, crop, resample, every: int = 4):
-    """Every `every`-th training image held out, plus three synthetic-defect copies of each."""
-    train = _load([s.path for s in list_samples(data, "train", layout=layout)], resize, crop, resample)
-    held = torch.zeros(len(train), dtype=torch.bool)
+HOLDOUT_EVERY = 4
+
+
+def held_out(n: int, every: int = HOLDOUT_EVERY) -> torch.Tensor:
+    """Which of n training images the validation set holds out: every `every`-th."""
+    held = torch.zeros(n, dtype=torch.bool)
     held[::every] = True
+    return held
+
+
+def validation_split(data, layout, resize, crop, resample):
+    """Every 4th training image held out, plus three synthetic-defect copies of each."""
+    train = _load([s.path for s in list_samples(data, "train", layout=layout)], resize, crop, resample)
+    held = held_out(len(train))
     clean = train[held]
     parts = [(clean, torch.zeros(len(clean), crop, crop, dtype=torch.bool))]
     for i, kind in enumerate(("perlin", "cutpaste", "confetti")):
@@ -170,6 +186,21 @@ def validation_split(data, layout, resize, crop, resample, every: int = 4):
     labels = np.r_[np.zeros(len(clean)), np.ones(len(images) - len(clean))].astype(int)
     defects = ["good"] * len(clean) + [k for k in ("perlin", "cutpaste", "confetti") for _ in range(len(clean))]
     return train[~held], images, masks, labels, defects
+
+
+def write_training_folder(data, layout, out: str) -> None:
+    """The validation split's bank as a `folder`-layout dataset of links (normal/ = the training
+    images kept, normal_test/ = the held-out ones), so a run trained on it never saw the images the
+    validation set scores."""
+    samples = list_samples(data, "train", layout=layout)
+    if os.path.exists(out):
+        raise FastADError(f"--training-folder {out} exists; remove it or pick another path")
+    for sample, held in zip(samples, held_out(len(samples)).tolist()):
+        folder = os.path.join(out, "normal_test" if held else "normal")
+        os.makedirs(folder, exist_ok=True)
+        # an index prefix keeps names unique (MVTec's train/good and test/good reuse 000.png)
+        name = f"{len(os.listdir(folder)):04d}_{os.path.basename(sample.path)}"
+        os.symlink(os.path.abspath(sample.path), os.path.join(folder, name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +253,15 @@ def main(argv=None) -> int:
                    help="with --compare: also score the model with these config fields changed")
     p.add_argument("--resample", choices=sorted(RESAMPLE), default="bilinear")
     p.add_argument("--report", help="write the numbers as JSON here")
+    p.add_argument("--training-folder", metavar="OUT",
+                   help="only write the validation split's training images as a folder-layout "
+                        "dataset at OUT (train a run on it, then score it with --validation --compare)")
     args = p.parse_args(argv)
     try:
+        if args.training_folder:
+            write_training_folder(args.data, args.layout, args.training_folder)
+            print(f"wrote {args.training_folder} (train with --layout folder)")
+            return 0
         if (args.compare or args.variant) and not args.run:
             raise FastADError("--compare and --variant need --run")
         model = load_model(args.run, device="cpu")[0].eval() if args.run else untrained(args.model)
@@ -238,8 +276,7 @@ def main(argv=None) -> int:
     view = feature_view(model)
     bank, calibration = train, None
     if view.normalise_levels:  # the calibration images stay out of the bank
-        held = torch.zeros(len(train), dtype=torch.bool)
-        held[::8] = True
+        held = held_out(len(train), every=8)
         bank, calibration = train[~held], train[held]
     maps, scores = knn_scores(view, bank, images, calibration)
     rows = {"knn": summary(evaluate(labels, scores.numpy(), masks.numpy(), maps.numpy(), defects=defects))}

@@ -1,4 +1,6 @@
 """bench/knn_baseline.py: the training-free nearest-neighbour baseline every family must beat."""
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -35,3 +37,15 @@ def test_memorised_images_score_zero_and_a_defect_is_found():
     assert scores[0] < 1e-2 * scores[1]  # cdist via a matrix product: ~1e-4 rounding at distance 0
     ys, xs = divmod(int(maps[1].argmax()), 64)
     assert 4 <= ys < 28 and 4 <= xs < 28
+
+
+def test_training_folder_holds_out_exactly_the_validation_images(demo_data, tmp_path):
+    from bench.knn_baseline import held_out, write_training_folder
+    from fastad.data.layouts import list_samples
+
+    train = [s.path for s in list_samples(demo_data, "train")]
+    write_training_folder(demo_data, None, str(tmp_path / "val"))
+    kept = [os.path.realpath(s.path) for s in list_samples(tmp_path / "val", "train", layout="folder")]
+    held = held_out(len(train))
+    assert kept == [os.path.realpath(p) for p, h in zip(train, held.tolist()) if not h]
+    assert 0 < held.sum() < len(train)
