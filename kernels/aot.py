@@ -84,11 +84,13 @@ def i2corr_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> l
     strides = [f"s{t}{a}" for t in "qkv" for a in "bhnd"] + ["ssb", "ssh", "ssn", "ssc"] \
         + [f"so{a}" for a in "bhnd"]
     signature = {"Q": tensor, "K": tensor, "V": tensor, "Sigma": "*fp32", "Out": tensor, "KL": "*fp32",
-                 "Ent": "*fp32"} | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
+                 "Ent": "*fp32", "Stats": "*fp32", "stat_stride": "i32"} \
+        | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
     return [KernelConfig("_i2corr_fwd_kernel", _i2corr_fwd_kernel, signature,
                          {"HEAD_DIM": dh, "BLOCK_D": block_d(dh),
                           "BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
-                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False},
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
+                          "SAVE_STATS": False},
                          num_warps=launch.num_warps)
             for dh in head_dims for launch in (AUTOTUNE_CONFIGS if autotune else (gpu_launch(torch_dtype, dh),))]
 
