@@ -64,15 +64,18 @@ class TrainLaunch(NamedTuple):
     dq: LaunchConfig
 
 
-# (IEEE fp32 dots, head dim) -> launches: the largest tiles that build without a register spill
-# for sm_90 and sm_87 (tests/test_kernels_compile.py; bench/results/kernels-aot-train.txt).
-# Tensor-core dots (fp16/bf16) keep their operands in shared memory; IEEE fp32 dots hold operand
-# rows in registers, so the tiles shrink as the head dim grows.
+# (IEEE fp32 dots, head dim) -> launches: the largest tiles whose builds for sm_90 and sm_87
+# spill no register (tests/test_kernels_compile.py; bench/results/kernels-aot-train.txt, which
+# also lists the spilling candidates). The dk/dv kernel holds two (BLOCK_N, BLOCK_D) fp32
+# accumulators and the v tile across its loop on top of the backward's score tiles, so its key
+# tile stays at 32 (64 spilled on sm_87 at either head dim); the SAVE_STATS forward keeps six
+# more row sums than inference and takes 8 warps at 64 × 32. IEEE fp32 dots hold operand rows in
+# registers, so their tiles shrink as the head dim grows (as the inference forward's do).
 TRAIN_LAUNCHES = {
-    (False, 32): TrainLaunch(LaunchConfig(64, 32, 4), LaunchConfig(32, 64, 4), LaunchConfig(64, 32, 4)),
-    (False, 64): TrainLaunch(LaunchConfig(64, 32, 4), LaunchConfig(32, 64, 4), LaunchConfig(64, 32, 4)),
-    (True, 32): TrainLaunch(LaunchConfig(32, 32, 4), LaunchConfig(32, 32, 4), LaunchConfig(32, 32, 4)),
-    (True, 64): TrainLaunch(LaunchConfig(16, 16, 4), LaunchConfig(16, 16, 4), LaunchConfig(16, 16, 4)),
+    (False, 32): TrainLaunch(LaunchConfig(64, 32, 8), LaunchConfig(32, 32, 4), LaunchConfig(64, 32, 4)),
+    (False, 64): TrainLaunch(LaunchConfig(64, 32, 8), LaunchConfig(32, 32, 8), LaunchConfig(64, 16, 4)),
+    (True, 32): TrainLaunch(LaunchConfig(32, 32, 4), LaunchConfig(16, 32, 8), LaunchConfig(32, 32, 4)),
+    (True, 64): TrainLaunch(LaunchConfig(16, 16, 4), LaunchConfig(16, 16, 8), LaunchConfig(32, 16, 4)),
 }
 # Rows of the per-row input of the backward kernels, in this order: the forward's lse₂ and z₂,
 # the upstream gradients of kl through S (g_S) and of the entropy (g_E), and
