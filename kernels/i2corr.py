@@ -25,7 +25,9 @@ target's normaliser are computed inside it). Per program: BLOCK_M query rows of 
 head); pass 1 is flash attention (online max m and sum l, the output); the `+ε` terms need the
 *normalised* S, so pass 2 recomputes q·kᵀ and reads S = 2^(qk − lse₂) with lse₂ = m + log2 l
 (no division by the row sum), T̂ generated from positions on the fly. Two passes over the keys is
-the exact minimum: log(S + ε) cannot be rescaled online. A backward pass needs only lse₂ per row.
+the exact minimum: log(S + ε) cannot be rescaled online. For training, the SAVE_STATS variant
+also stores lse₂, the target's normaliser and four row sums of pass 2 (STAT_NAMES), from which
+the backward kernels of `fastad.kernels.i2corr_grad` recompute S and T̂ tile by tile.
 Choices, each exact (parity tests against float64):
   - exp2/log2 throughout (the GPU's native MUFU ops): log2(e) is folded into the logit scale and
     into a = log2(e)/(2σ²); kl and entropy are summed in log2 units and scaled by ln 2 per row;

@@ -22,10 +22,19 @@ and g_E (of the entropy), all per query row:
 The target's normaliser enters through μ: ∂ log p_i(r)/∂u0 = −(r_i − r)² + μ0, and μ needs only
 the query's row (column) factor, O(Hg + Wg) per query.
 
-Neither pass stores an N×M tensor: both run over blocks of query rows (each block against all M
-keys, sized for the cache as the lean forward's), and the backward recomputes each block's scores
-from q and k (flash attention's backward recomputes tiles the same way). Saved for the backward:
-q, k, v and σ only.
+Two implementations, neither storing an N×M tensor:
+  - lean (any device; the reference for the other): both passes run over blocks of query rows
+    (each block against all M keys, sized for the cache as the lean forward's), and the backward
+    recomputes each block's scores from q and k (flash attention's backward recomputes tiles the
+    same way). Saved for the backward: q, k, v and σ only.
+  - triton (CUDA; the interpreter in tests): the forward kernel of `fastad.kernels.i2corr` with
+    SAVE_STATS, which also stores the STAT_NAMES rows, then two backward kernels that recompute S
+    and T̂ tile by tile from lse₂ and z₂: dk/dv with one program per key tile looping over the
+    query tiles, dq with one program per query tile looping over the key tiles (no atomics).
+    The row reductions are per-row sums the forward already formed: Σ_l S_l ∂L/∂S_l =
+    dO·out + g_S·kl_dot + g_E·ent_dot (`delta`, O(N·Dh) torch), and σ's gradient is
+    −g_T·kl_u/σ³ per axis — in torch, since no tile needs recomputing for it (the forward had S
+    and T̂ when it summed h T̂ (μ − Δ²)). Saved: q, k, v, σ, out and the statistics.
 
 `kl_grad` picks which factor the kl's gradient reaches (FOD's min-max scheme needs both kinds):
 "both" — S and T̂, autograd's gradient through the plain formulas; "split" — two kl outputs of
@@ -490,8 +499,9 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
     differentiable in q, k, v and σ.
 
     Gradients: impl "reference" is autograd through the materialised formulas; otherwise, when
-    an input requires grad (or kl_grad="split"), the statistics come from `I2CorrFunction`
-    (blocked torch, O(N) memory, any device — also for impl "triton", which has no backward yet).
+    an input requires grad (or kl_grad="split"), the statistics come from `I2CorrFunction`, O(N)
+    memory: impl "lean" blocked torch on any device, "triton" the Triton forward and backward
+    kernels (fp32/fp16/bf16; CUDA, or CPU under TRITON_INTERPRET=1).
     Without statistics the output is PyTorch's SDPA (differentiable, O(N) memory).
     kl_grad: "both" — kl's gradient reaches S and σ; "split" -> I2CorrSplitOutput, `kl` reaching
     S only and `kl_target` σ only (FOD's min-max losses). `compiled`: I2CorrFunction's blocks
