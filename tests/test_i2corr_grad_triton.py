@@ -119,15 +119,15 @@ def test_saved_statistics_match_their_definitions():
 
 
 def test_triton_refuses_float64():
-    (q, k, v, sigma), grid = make_inputs(dtype=torch.float64)
+    inputs, grid = make_inputs(dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
-        i2corr_attention(q, k, v, sigma, grid, kl_grad="split", impl="triton")
+        i2corr_attention(*on_device(inputs), grid, kl_grad="split", impl="triton")
 
 
 def test_fod_training_step_through_the_triton_branch(monkeypatch):
     """The wiring end to end: a whole FOD training step (both levels, every loss, every query
     row) with `fastad.ops.training_impl` forced to "triton" (what CUDA tensors get) applies the
-    same gradients as the lean branch — through the model's strided q/k/v views and upstream
+    same gradients as with it forced to "lean" — through the model's strided q/k/v views and upstream
     gradients, both branches (intra; inter with the reference's keys) and head dims 16 and 32."""
     import copy
 
@@ -145,7 +145,9 @@ def test_fod_training_step_through_the_triton_branch(monkeypatch):
         for m in model.modules():
             if isinstance(m, I2CorrelationAttention):
                 m.sigma_proj.weight.normal_(0, 0.5)
+    model, images = model.to(DEVICE), images.to(DEVICE)
     lean_model = copy.deepcopy(model)
+    monkeypatch.setattr(ops, "training_impl", lambda device: "lean")
     want = train_step_gradients(lean_model, images)
     monkeypatch.setattr(ops, "training_impl", lambda device: "triton")
     got = train_step_gradients(model, images)
