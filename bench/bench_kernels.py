@@ -16,8 +16,11 @@ Training records (`"mode": "train"`, beside the inference records): forward + ba
 branch with FOD's losses (mean output, Div¹ with the prior detached, Div² with the attention
 detached, entropy) — "eager" is autograd through the authors' formulation above, "lean" the
 fused O(N)-memory branch (`i2corr_attention(kl_grad="split")`, fastad.kernels.i2corr_grad),
-"lean-compiled" the same with its blocks through torch.compile (what FOD training uses); their
-gradients are compared with the lean branch's before timing.
+"lean-compiled" the same with its blocks through torch.compile (what FOD training uses on the
+CPU), "triton" the same function with impl="triton" — the forward kernel with SAVE_STATS and the
+dk/dv and dq backward kernels (what FOD training uses on CUDA; CUDA only, skipped with a note on
+the CPU); their gradients are compared with the lean branch's before timing. `--train-n` /
+`--train-batch` restrict the training records to some of the swept shapes.
 
 Issue 14's goals read off the table: with statistics, triton ≤ 3× sdpa ("× sdpa" column) and
 ≥ 10× faster than eager ("× eager"); N = 16384, B = 8 within 1 GB ("peak MB").
@@ -28,6 +31,7 @@ tests/test_kernels_i2corr.py) and the max abs error is stored in the record.
 
     python bench/bench_kernels.py                     # default shapes for this device
     python bench/bench_kernels.py --n 1024 --batch 1  # one shape
+    python bench/bench_kernels.py --train eager lean triton --train-n 1024 4096 16384 --train-batch 1 8
 
 Writes bench/results/kernels-<device>.json and a Markdown table beside it. GPU times are
 triton.testing.do_bench medians; CPU times the median of repeated calls (≥ 3, ≥ 1 s). Peak
@@ -57,9 +61,8 @@ from fastad.utils import atomic_path, library_versions, write_json
 
 HEADS = 8
 IMPLS = ("eager", "lean", "triton", "sdpa")
-# Training records (forward + backward with the losses): no Triton backward exists yet, so a
-# differentiable call on CUDA also runs the lean branch.
-TRAIN_IMPLS = ("eager", "lean", "lean-compiled")
+# Training records (forward + backward with the losses).
+TRAIN_IMPLS = ("eager", "lean", "lean-compiled", "triton")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,13 +119,16 @@ def eager_i2corr_train(q, k, v, sigma, grid, scale):
 def train_impl(impl, q, k, v, sigma, grid, scale) -> tuple[torch.Tensor, ...]:
     """Forward + backward of one branch with FOD's losses (output, Div¹, Div², entropy, each
     mean-reduced) -> the gradients of q, k, v, σ. "lean" is the fused O(N)-memory branch
-    (`i2corr_attention(kl_grad="split")`, eager blocks; "lean-compiled" through torch.compile)."""
+    (`i2corr_attention(kl_grad="split")`, eager blocks; "lean-compiled" through torch.compile),
+    "triton" the same branch with impl="triton" (the Triton forward and backward kernels)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v, sigma)]
     if impl == "eager":
         out, div1, div2, ent = eager_i2corr_train(*leaves, grid, scale)
     elif impl in ("lean", "lean-compiled"):
         out, div1, div2, ent = i2corr_attention(*leaves, grid, scale=scale, kl_grad="split",
                                                 compiled=impl == "lean-compiled")
+    elif impl == "triton":
+        out, div1, div2, ent = i2corr_attention(*leaves, grid, scale=scale, kl_grad="split", impl="triton")
     else:
         raise ValueError(f"no training path for {impl!r}")
     (out.float().mean() - 0.5 * div1.mean() + 0.5 * div2.mean() - 0.5 * ent.mean()).backward()
@@ -247,6 +253,10 @@ def device_label(device) -> str:
 def sweep(args, device) -> list[dict]:
     cuda = device.type == "cuda"
     impls = [i for i in args.impl if cuda or i != "triton"]
+    if not cuda and "triton" in args.train:
+        print("note: no triton training records on the CPU (the Triton backward runs on CUDA; its "
+              "interpreter parity is tests/test_i2corr_grad_triton.py)", file=sys.stderr)
+        args.train = [i for i in args.train if i != "triton"]
     records = []
     for n in args.n:
         for b in args.batch:
@@ -276,7 +286,7 @@ def sweep(args, device) -> list[dict]:
                             torch.cuda.empty_cache()
                         records.append(spec)
                         print(json.dumps(spec), flush=True)
-                if args.train:
+                if args.train and n in (args.train_n or args.n) and b in (args.train_batch or args.batch):
                     records += train_records(args, device, q, k, v, sigma, grid, scale)
     return records
 
@@ -358,6 +368,9 @@ def main(argv=None) -> int:
                    help="inference records for these; none: --impl")
     p.add_argument("--train", nargs="*", default=list(TRAIN_IMPLS), choices=TRAIN_IMPLS,
                    help="training records (forward + backward with losses) for these; none: --train")
+    p.add_argument("--train-n", type=int, nargs="+", help="training records only at these N (default: every --n)")
+    p.add_argument("--train-batch", type=int, nargs="+",
+                   help="training records only at these B (default: every --batch)")
     p.add_argument("--out", help="JSON path (default bench/results/kernels-<device>.json); "
                                  "the Markdown table goes beside it")
     args = p.parse_args(argv)

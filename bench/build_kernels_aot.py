@@ -4,6 +4,7 @@
     python bench/build_kernels_aot.py --arch 90 --dtype fp16
     python bench/build_kernels_aot.py --rewrite             # problems + table again from the json
     python bench/build_kernels_aot.py --update              # build only configs the json lacks
+    python bench/build_kernels_aot.py --train --arch 90 87  # FOD training's launches -> kernels-aot-train.txt
 
 Each kernel × variant (constexprs) × dtype × arch — the launchers' default configs and every
 config of the I2Correlation autotune grid (`fastad.kernels.aot`) — is compiled to a cubin; the
@@ -12,7 +13,9 @@ block against the arch's limit, the build time, and whether the autotuner's prun
 (`spills_registers`) drops the config. Writes bench/results/kernels-aot.json and a Markdown table
 beside it; exits 1 when a build the autotuner may launch spills or exceeds its shared-memory
 limit. `--rewrite` re-derives the problems and the table from the json (after a change of the
-predicate) without building.
+predicate) without building. `--train` builds only FOD training's I2Correlation launches
+(`TRAIN_LAUNCHES`: the forward with SAVE_STATS, dk/dv, dq) for head dims 32 and 64 and writes a
+plain table to bench/results/kernels-aot-train.txt; it exits 1 when one spills.
 """
 from __future__ import annotations
 
@@ -74,8 +77,11 @@ def main(argv=None) -> int:
     p.add_argument("--rewrite", action="store_true", help="re-derive problems and the table from --json")
     p.add_argument("--update", action="store_true",
                    help="keep --json's records of configs still launched, build only the missing ones")
+    p.add_argument("--train", action="store_true", help="FOD training's launches only -> kernels-aot-train.txt")
     args = p.parse_args(argv)
 
+    if args.train:
+        return train_table(args, argv)
     if args.rewrite:
         result = json.loads(args.json.read_text())
         for r in result["records"]:
@@ -104,6 +110,33 @@ def main(argv=None) -> int:
     if args.update:
         result["command"] = f"{old['command']}, then {command}"
     return finish(result, args)
+
+
+def train_table(args, argv) -> int:
+    """Build TRAIN_LAUNCHES for the asked archs × dtypes × head dims 32/64; write the table."""
+    lines = [f"FOD training's I2Correlation kernels built ahead of time "
+             f"(`python bench/build_kernels_aot.py {' '.join(argv)}`)",
+             f"versions: {json.dumps(library_versions())}",
+             "per build: registers per thread, spilled bytes per thread (stack + local), shared memory "
+             "per block; tiles BLOCK_M x BLOCK_N (dkdv: BLOCK_N keys per program, BLOCK_M query rows "
+             "per step; dq and the stats forward: BLOCK_M query rows per program)", "",
+             f"{'arch':<6}{'dtype':<6}{'Dh':<4}{'kernel':<26}{'tile':<8}{'warps':<6}{'regs':<6}"
+             f"{'spill B':<8}{'shared KB':<10}"]
+    problems = []
+    for arch in args.arch:
+        for dtype in args.dtype:
+            for config in aot.i2corr_train_configs(dtype):
+                b = aot.build(config, dtype, arch)
+                c = b.constexprs
+                lines.append(f"sm_{arch:<3}{dtype:<6}{c['HEAD_DIM']:<4}{b.kernel:<26}"
+                             f"{str(c['BLOCK_M']) + 'x' + str(c['BLOCK_N']):<8}{b.num_warps:<6}{b.registers:<6}"
+                             f"{b.spill_bytes + b.local_bytes:<8}{b.shared_bytes / 1024:<10.1f}")
+                print(lines[-1], flush=True)
+                problems += aot.problems(b)
+    lines += ["", "Problems: " + ("none" if not problems else ""), *[f"- {p}" for p in problems]]
+    with atomic_path(RESULTS / "kernels-aot-train.txt") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return 1 if problems else 0
 
 
 def record_key(r: dict) -> str:

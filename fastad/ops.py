@@ -3,8 +3,8 @@
 A model is built with `impl=` (one of IMPLS; training always uses "reference") and passes it to
 every op call; this module maps it onto `fastad.kernels`, the only importer of that package in
 fastad. FOD's training I2Correlation (every query row, with gradients) goes through
-`i2corr_training` whatever the impl: the differentiable blocked branch of
-`fastad.kernels.i2corr_grad`.
+`i2corr_training` whatever the impl: the differentiable branch of `fastad.kernels.i2corr_grad`,
+whose implementation follows the tensors' device (`training_impl`).
 
     reference  the formulas as written in torch — what training, the parity tests and the ONNX
                export use. I2Correlation runs in blocks of 256 query rows (the kernels' blocked
@@ -73,12 +73,20 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float, with_stats: bool, im
     return _i2corr_attention(q, k, v, sigma, grid, scale=scale, with_stats=with_stats, impl=impl)
 
 
+def training_impl(device: torch.device) -> str:
+    """The one switch for FOD training's I2Correlation branch: the Triton kernels (forward with
+    statistics, dk/dv and dq backward) on CUDA, the lean blocked torch function elsewhere (the
+    interpreter is for tests, far too slow to train with)."""
+    return "triton" if device.type == "cuda" and triton is not None else "lean"
+
+
 def i2corr_training(q, k, v, sigma, grid, *, scale: float, compiled: bool = False):
     """One I2Correlation branch for training, differentiable in q, k, v and σ in O(N) memory
     (`fastad.kernels.i2corr_grad`) -> (out, kl, kl_target, entropy) (B, H, N[, Dh]): `kl` reaches
-    the attention only, `kl_target` σ only (FOD's Div¹ and Div²). Every impl trains through the
-    same blocked torch function; `compiled`: its blocks through torch.compile."""
-    return _i2corr_attention(q, k, v, sigma, grid, scale=scale, with_stats=True, impl="lean",
+    the attention only, `kl_target` σ only (FOD's Div¹ and Div²). The implementation follows the
+    device (`training_impl`), whatever the model's inference impl; `compiled`: the lean path's
+    blocks through torch.compile."""
+    return _i2corr_attention(q, k, v, sigma, grid, scale=scale, with_stats=True, impl=training_impl(q.device),
                              kl_grad="split", compiled=compiled)
 
 
@@ -89,6 +97,6 @@ def feature_distance(x, x_hat, *, kind: str, weight=None, impl: str) -> torch.Te
 
 
 __all__ = ["IMPLS", "REFERENCE_BLOCK", "check_impl", "impl_of_backend", "set_impl", "i2corr_attention",
-           "i2corr_training",
+           "i2corr_training", "training_impl",
            "feature_distance", "rbf_target_at", "sym_kl", "attn_entropy", "patch_positions",
            "at_least_fp32", "safe_sigma", "LOG_EPS", "SIGMA_MIN"]

@@ -7,8 +7,8 @@ memory and static shared memory from the cubin. Triton's own shared memory is dy
 from the compiled kernel's metadata.
 
 Read top-down: target archs and their limits → the launch configs (what the launchers in
-`i2corr.py` / `feature_distance.py` pass by default, and I2Correlation's autotune grid) → one
-build → all builds. Used by `bench/build_kernels_aot.py` (the table in bench/results/) and
+`i2corr.py` / `feature_distance.py` pass by default, I2Correlation's autotune grid, and FOD
+training's three launches from `i2corr_grad.TRAIN_LAUNCHES`) → one build → all builds. Used by `bench/build_kernels_aot.py` (the table in bench/results/) and
 `tests/test_kernels_compile.py` (no spills, shared memory within the arch's limit).
 
 Kernels must be defined with TRITON_INTERPRET unset: import this module in a process without it.
@@ -84,21 +84,59 @@ def i2corr_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> l
     strides = [f"s{t}{a}" for t in "qkv" for a in "bhnd"] + ["ssb", "ssh", "ssn", "ssc"] \
         + [f"so{a}" for a in "bhnd"]
     signature = {"Q": tensor, "K": tensor, "V": tensor, "Sigma": "*fp32", "Out": tensor, "KL": "*fp32",
-                 "Ent": "*fp32"} | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
+                 "Ent": "*fp32", "Stats": "*fp32", "stat_stride": "i32"} \
+        | _ints(strides + ["H", "N", "GRID_H", "GRID_W"]) | {"qk_scale": "fp32"}
     return [KernelConfig("_i2corr_fwd_kernel", _i2corr_fwd_kernel, signature,
                          {"HEAD_DIM": dh, "BLOCK_D": block_d(dh),
                           "BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n,
-                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False},
+                          "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False,
+                          "SAVE_STATS": False},
                          num_warps=launch.num_warps)
             for dh in head_dims for launch in (AUTOTUNE_CONFIGS if autotune else (gpu_launch(torch_dtype, dh),))]
 
 
+def i2corr_train_configs(dtype: str, head_dims=HEAD_DIMS) -> list[KernelConfig]:
+    """One training step's launches for one dtype (`fastad.kernels.i2corr_grad.TRAIN_LAUNCHES`):
+    the forward with SAVE_STATS, the dk/dv kernel and the dq kernel."""
+    import torch
+
+    from .i2corr import block_d
+    from .i2corr_grad import _i2corr_bwd_dkdv_kernel, _i2corr_bwd_dq_kernel, train_launch
+
+    stats_fwd, = i2corr_configs(dtype, head_dims=(32,))  # the forward's signature
+    tensor = "*" + dtype
+    strides = [f"s{t}{a}" for t in "qkv" for a in "bhnd"] + ["ssb", "ssh", "ssn", "ssc"] \
+        + [f"sd{a}" for a in "bhnd"]
+    tail = _ints(strides + ["H", "N", "GRID_W"]) | {"qk_scale": "fp32", "scale": "fp32"}
+    inputs = {"Q": tensor, "K": tensor, "V": tensor, "Sigma": "*fp32", "DO": tensor, "Rows": "*fp32"}
+    dkdv_sig = inputs | {"DK": "*fp32", "DV": "*fp32", "row_stride": "i32"} | tail
+    dq_sig = inputs | {"DQ": "*fp32", "row_stride": "i32"} | tail
+    configs = []
+    for dh in head_dims:
+        launch = train_launch({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype], dh)
+        common = {"HEAD_DIM": dh, "BLOCK_D": block_d(dh),
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST": False}
+        configs += [
+            KernelConfig("_i2corr_fwd_kernel", stats_fwd.fn, stats_fwd.signature,
+                         common | {"BLOCK_M": launch.stats.block_m, "BLOCK_N": launch.stats.block_n,
+                                   "SAVE_STATS": True}, num_warps=launch.stats.num_warps),
+            KernelConfig("_i2corr_bwd_dkdv_kernel", _i2corr_bwd_dkdv_kernel, dkdv_sig,
+                         common | {"BLOCK_M": launch.dkdv.block_m, "BLOCK_N": launch.dkdv.block_n},
+                         num_warps=launch.dkdv.num_warps),
+            KernelConfig("_i2corr_bwd_dq_kernel", _i2corr_bwd_dq_kernel, dq_sig,
+                         common | {"BLOCK_M": launch.dq.block_m, "BLOCK_N": launch.dq.block_n},
+                         num_warps=launch.dq.num_warps),
+        ]
+    return configs
+
+
 def pruned(b: Build) -> bool:
     """Whether the I2Correlation autotuner's prune predicate (`spills_registers`) drops this
-    build's config: such configs never launch, so their spills are no problem."""
+    build's config: such configs never launch, so their spills are no problem. Training launches
+    are fixed (never autotuned, never pruned)."""
     from .i2corr import LaunchConfig, spills_registers
 
-    if b.kernel != "_i2corr_fwd_kernel":
+    if b.kernel != "_i2corr_fwd_kernel" or b.constexprs.get("SAVE_STATS"):
         return False
     c = b.constexprs
     return spills_registers(LaunchConfig(c["BLOCK_M"], c["BLOCK_N"], b.num_warps), c["DOT_PRECISION"] == "ieee",
@@ -120,10 +158,12 @@ def feature_distance_configs(dtype: str) -> list[KernelConfig]:
             for l2 in (False, True) for weight in (False, True)]
 
 
-def launch_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False) -> list[KernelConfig]:
+def launch_configs(dtype: str, head_dims=HEAD_DIMS, autotune: bool = False, train: bool = False) -> list[KernelConfig]:
     """Every kernel × variant the launchers use by default for one input dtype; with `autotune`
-    also every config of the I2Correlation autotune grid."""
-    return i2corr_configs(dtype, head_dims, autotune) + feature_distance_configs(dtype)
+    also every config of the I2Correlation autotune grid; with `train` also FOD training's three
+    I2Correlation launches."""
+    return i2corr_configs(dtype, head_dims, autotune) + feature_distance_configs(dtype) \
+        + (i2corr_train_configs(dtype, head_dims) if train else [])
 
 
 def cuobjdump_path() -> Path:
@@ -160,9 +200,10 @@ def build(config: KernelConfig, dtype: str, arch: int) -> Build:
                  usage["STACK"], usage["LOCAL"], int(compiled.metadata.shared) + usage["SHARED"], round(seconds, 2))
 
 
-def build_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, autotune: bool = False) -> list[Build]:
+def build_all(archs=tuple(ARCHS), dtypes=DTYPES, head_dims=HEAD_DIMS, autotune: bool = False,
+              train: bool = False) -> list[Build]:
     return [build(config, dtype, arch) for arch in archs for dtype in dtypes
-            for config in launch_configs(dtype, head_dims, autotune)]
+            for config in launch_configs(dtype, head_dims, autotune, train)]
 
 
 def problems(b: Build) -> list[str]:

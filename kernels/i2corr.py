@@ -25,7 +25,9 @@ target's normaliser are computed inside it). Per program: BLOCK_M query rows of 
 head); pass 1 is flash attention (online max m and sum l, the output); the `+ε` terms need the
 *normalised* S, so pass 2 recomputes q·kᵀ and reads S = 2^(qk − lse₂) with lse₂ = m + log2 l
 (no division by the row sum), T̂ generated from positions on the fly. Two passes over the keys is
-the exact minimum: log(S + ε) cannot be rescaled online. A backward pass needs only lse₂ per row.
+the exact minimum: log(S + ε) cannot be rescaled online. For training, the SAVE_STATS variant
+also stores lse₂, the target's normaliser and four row sums of pass 2 (STAT_NAMES), from which
+the backward kernels of `fastad.kernels.i2corr_grad` recompute S and T̂ tile by tile.
 Choices, each exact (parity tests against float64):
   - exp2/log2 throughout (the GPU's native MUFU ops): log2(e) is folded into the logit scale and
     into a = log2(e)/(2σ²); kl and entropy are summed in log2 units and scaled by ln 2 per row;
@@ -90,6 +92,18 @@ if triton is not None:
     TL_NORM_CHUNK: tl.constexpr = tl.constexpr(32)
 
 
+# Per-row statistics the forward stores with SAVE_STATS (training), in this order; with
+# d = log(T̂ + ε) − log(S + ε) and h = ∂kl/∂T̂ = d + (T̂ − S)/(T̂ + ε):
+STAT_NAMES = (
+    "lse2",         # log2 Σ_j 2^(q·k_j·scale·log2 e): S_j = 2^(q·k_j·scale·log2 e − lse2)
+    "target_lse2",  # z₂, log2 of the target's separable normaliser: T̂_j = 2^(−Δr²a₀ − Δc²a₁ − z₂)
+    "kl_dot",       # Σ_j S_j ∂kl/∂S_j = Σ_j S_j (−d_j + (S_j − T̂_j)/(S_j + ε))
+    "ent_dot",      # Σ_j S_j (∂entropy/∂S_j + 1) = Σ_j S_j (−log(S_j + ε) + ε/(S_j + ε))
+    "kl_u_row",     # ∂kl/∂u₀ = Σ_j h_j T̂_j (μ₀ − Δr_j²), u₀ = 1/(2σ₀²), μ₀ = E_row[Δr²]
+    "kl_u_col",     # ∂kl/∂u₁, the same over grid columns
+)
+
+
 class I2CorrOutput(NamedTuple):
     out: torch.Tensor                    # (B, H, N, Dh), dtype of q
     kl: torch.Tensor | None = None       # (B, H, N) fp32
@@ -123,6 +137,20 @@ if triton is not None:
         return tl.log2(total)
 
     @triton.jit
+    def _gauss_mean_sq(pos, a, LENGTH, CHUNK: tl.constexpr):
+        """μ = Σ_g p(g)·(pos − g)² with p(g) ∝ 2^(−(pos − g)²·a) over g < LENGTH, per query: the
+        derivative of one axis' log-normaliser with respect to its 1/(2σ²) (training statistics)."""
+        total = tl.zeros(pos.shape, tl.float32)
+        moment = tl.zeros(pos.shape, tl.float32)
+        for start in range(0, LENGTH, CHUNK):
+            g = start + tl.arange(0, CHUNK)
+            d = (pos[:, None] - g[None, :]).to(tl.float32)
+            p = tl.where(g[None, :] < LENGTH, tl.exp2(-d * d * a[:, None]), 0.0)
+            total += tl.sum(p, 1)
+            moment += tl.sum(p * d * d, 1)
+        return moment / total
+
+    @triton.jit
     def _scaled_logits(q, k_base, offs_n, offs_d, d_ok, skn, skd, N, qk_scale,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One key tile's log2-scaled logits (BLOCK_M, BLOCK_N), −inf past N; -> (logits, which
@@ -137,7 +165,7 @@ if triton is not None:
 
     @triton.jit
     def _i2corr_fwd_kernel(
-        Q, K, V, Sigma, Out, KL, Ent,
+        Q, K, V, Sigma, Out, KL, Ent, Stats, stat_stride,
         sqb, sqh, sqn, sqd,
         skb, skh, skn, skd,
         svb, svh, svn, svd,
@@ -146,14 +174,19 @@ if triton is not None:
         H, N, GRID_H, GRID_W, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SAVE_STATS: tl.constexpr,
     ):
         """One program: BLOCK_M query rows of one (batch, head); out, kl and entropy for them.
 
         Everything runs in log2 units: qk_scale = scale·log2(e), S = 2^(qk − lse₂) with
         lse₂ = m + log2(l) (no division by the row sum), T̂ = 2^(−Δr²·a₀ − Δc²·a₁ − z₂) with
         a = log2(e)/(2σ²) and z₂ the log2 normaliser, and the sums are scaled by ln 2 once per
-        row at the end. A backward pass needs only (m, l) per row — lse₂ after pass 1.
+        row at the end.
+
+        SAVE_STATS (training): also store the STAT_NAMES rows at Stats + index·stat_stride +
+        (b·H + h)·N + n — lse₂ and z₂ (the backward recomputes S and T̂ from them) and four row
+        sums of pass 2 that make the backward's row reductions and σ's gradient per-row algebra
+        (`fastad.kernels.i2corr_grad`). Inference builds use SAVE_STATS=False (no extra work).
         """
         pid_m, pid_bh = _tile_of_program(tl.program_id(0), tl.cdiv(N, BLOCK_M))
         b = (pid_bh // H).to(tl.int64)  # int64: B·H·N·Dh can exceed 2³¹ at 1024² inputs
@@ -216,6 +249,14 @@ if triton is not None:
         # Pass 2: normalised S with the final lse2, T̂ from positions; accumulate in log2 units.
         kl = tl.zeros([BLOCK_M], tl.float32)
         ent = tl.zeros([BLOCK_M], tl.float32)
+        # SAVE_STATS sums (natural units, see STAT_NAMES): Σ S·d₂ and Σ S(S − T̂)/(S + ε) form
+        # kl_dot; Σ S·ε/(S + ε) forms ent_dot; Σ h T̂ and Σ h T̂ Δ² (per axis) form kl_u_row/col.
+        s_d = tl.zeros([BLOCK_M], tl.float32)
+        s_frac = tl.zeros([BLOCK_M], tl.float32)
+        s_eps = tl.zeros([BLOCK_M], tl.float32)
+        ht = tl.zeros([BLOCK_M], tl.float32)
+        ht_r = tl.zeros([BLOCK_M], tl.float32)
+        ht_c = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             qk, col_ok = _scaled_logits(q, k_base, offs_n, offs_d, d_ok, skn, skd, N, qk_scale,
@@ -223,20 +264,44 @@ if triton is not None:
             s = tl.exp2(qk - lse2[:, None])  # 0 on the ragged tail
             log_s = tl.log2(s + TL_LOG_EPS)
             ent += tl.sum(s * log_s, 1)
+            if SAVE_STATS:
+                inv_s = 1.0 / (s + TL_LOG_EPS)
+                s_eps += tl.sum(s * inv_s, 1)
             rk_lo = start_n // GRID_W
             rk_hi = (tl.minimum(start_n + BLOCK_N, N) - 1) // GRID_W
             gap = tl.maximum(tl.maximum(rk_lo - rq_hi, rq_lo - rk_hi), 0).to(tl.float32)
             if gap * gap * a0_min >= TL_ZERO_EXP2:
                 kl += tl.sum(s * (log_s - TL_LOG2_EPS), 1)
+                if SAVE_STATS:  # T̂ = 0: d₂ = log2 ε − log2(S + ε), (S − T̂) = S, no σ terms
+                    s_d += tl.sum(s * (TL_LOG2_EPS - log_s), 1)
+                    s_frac += tl.sum(s * s * inv_s, 1)
             else:
                 dr = (r_i[:, None] - (offs_n // GRID_W)[None, :]).to(tl.float32)
                 dc = (c_i[:, None] - (offs_n % GRID_W)[None, :]).to(tl.float32)
                 t = tl.exp2(-dr * dr * a0[:, None] - dc * dc * a1[:, None] - z2[:, None])
                 t = tl.where(col_ok[None, :], t, 0.0)
-                kl += tl.sum((t - s) * (tl.log2(t + TL_LOG_EPS) - log_s), 1)
+                d2 = tl.log2(t + TL_LOG_EPS) - log_s
+                kl += tl.sum((t - s) * d2, 1)
+                if SAVE_STATS:
+                    s_d += tl.sum(s * d2, 1)
+                    s_frac += tl.sum(s * (s - t) * inv_s, 1)
+                    h_t = (d2 * TL_LN2 + (t - s) / (t + TL_LOG_EPS)) * t  # ∂kl/∂T̂ · T̂
+                    ht += tl.sum(h_t, 1)
+                    ht_r += tl.sum(h_t * dr * dr, 1)
+                    ht_c += tl.sum(h_t * dc * dc, 1)
         stat_off = pid_bh.to(tl.int64) * N + offs_m
         tl.store(KL + stat_off, kl * TL_LN2, mask=row_ok)
         tl.store(Ent + stat_off, -ent * TL_LN2, mask=row_ok)
+        if SAVE_STATS:  # in STAT_NAMES order
+            tl.store(Stats + stat_off, lse2, mask=row_ok)
+            tl.store(Stats + stat_stride + stat_off, z2, mask=row_ok)
+            tl.store(Stats + 2 * stat_stride + stat_off, s_frac - s_d * TL_LN2, mask=row_ok)
+            tl.store(Stats + 3 * stat_stride + stat_off, -ent * TL_LN2 + s_eps * TL_LOG_EPS, mask=row_ok)
+            # ∂kl/∂u = Σ_j h_j T̂_j (μ − Δ_j²) per axis, u = 1/(2σ²) (natural-unit Δ², the grid's)
+            mu_r = _gauss_mean_sq(r_i, a0, GRID_H, TL_NORM_CHUNK)
+            mu_c = _gauss_mean_sq(c_i, a1, GRID_W, TL_NORM_CHUNK)
+            tl.store(Stats + 4 * stat_stride + stat_off, mu_r * ht - ht_r, mask=row_ok)
+            tl.store(Stats + 5 * stat_stride + stat_off, mu_c * ht - ht_c, mask=row_ok)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -333,7 +398,7 @@ if triton is not None and not interpreting():  # the interpreter runs INTERPRETE
 
 def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
                           block_m: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None) -> I2CorrOutput:
+                          num_warps: int | None = None, save_stats: bool = False):
     """Launch the fused kernel. q (B, H, N, Dh); k, v (B or 1, H, N, Dh); σ (B, H, N, 2), any
     float dtype (used in fp32, floored at SIGMA_MIN inside the kernel).
 
@@ -341,6 +406,8 @@ def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
     Tiles: `block_m`/`block_n`/`num_warps` when given; else the interpreter's fixed
     INTERPRETER_LAUNCH, or on a GPU the autotuner over AUTOTUNE_CONFIGS (pruned by
     `spills_registers`), keyed on (N, Dh) and the dtypes.
+    `save_stats` (training; needs with_stats and explicit tiles, the training launcher's choice)
+    -> (I2CorrOutput, stats (len(STAT_NAMES), B, H, N) fp32 in STAT_NAMES order).
     """
     if not with_stats:
         return I2CorrOutput(plain_attention(q, k, v, scale))
@@ -351,18 +418,21 @@ def i2corr_forward_triton(q, k, v, sigma, grid, scale: float, with_stats: bool,
     out = torch.empty_like(q)
     kl = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     ent = torch.empty_like(kl)
-    args = (q, k, v, sigma, out, kl, ent, *q.stride(), *k.stride(), *v.stride(), *sigma.stride(),
-            *out.stride(), h, n, grid[0], grid[1], scale * LOG2E)
+    # Never written without save_stats: one element stands in for the pointer.
+    stats = torch.empty((len(STAT_NAMES), b, h, n) if save_stats else (1,), device=q.device, dtype=torch.float32)
+    args = (q, k, v, sigma, out, kl, ent, stats, b * h * n, *q.stride(), *k.stride(), *v.stride(),
+            *sigma.stride(), *out.stride(), h, n, grid[0], grid[1], scale * LOG2E)
     consts = dict(HEAD_DIM=dh, BLOCK_D=block_d(dh), DOT_PRECISION=dot_precision(q.dtype),
-                  UPCAST=_upcast(q.dtype))
-    if block_m is None and block_n is None and num_warps is None and not interpreting():
+                  UPCAST=_upcast(q.dtype), SAVE_STATS=save_stats)
+    if block_m is None and block_n is None and num_warps is None and not interpreting() and not save_stats:
         _i2corr_fwd_autotuned[lambda meta: launch_grid(n, b * h, meta["BLOCK_M"])](*args, **consts)
     else:
         fixed = INTERPRETER_LAUNCH if interpreting() else gpu_launch(q.dtype, dh)
         block_m, block_n = block_m or fixed.block_m, block_n or fixed.block_n
         _i2corr_fwd_kernel[launch_grid(n, b * h, block_m)](
             *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or fixed.num_warps)
-    return I2CorrOutput(out, kl, ent)
+    res = I2CorrOutput(out, kl, ent)
+    return (res, stats) if save_stats else res
 
 # --------------------------------------------------------------------------------------------
 # Torch formulas: the RBF target, divergences, entropy (one statement each; FOD's training
@@ -535,4 +605,4 @@ def i2corr_attention(q, k, v, sigma, grid, *, scale: float | None = None, with_s
 
 __all__ = ["I2CorrOutput", "i2corr_attention", "i2corr_reference", "i2corr_forward_lean",
            "i2corr_forward_triton", "rbf_target_at", "sym_kl", "attn_entropy", "patch_positions",
-           "at_least_fp32", "safe_sigma", "LOG_EPS", "SIGMA_MIN"]
+           "at_least_fp32", "safe_sigma", "LOG_EPS", "SIGMA_MIN", "STAT_NAMES"]

@@ -1,6 +1,6 @@
 """Every Triton kernel builds ahead of time for real GPUs (PTX and cubin for sm_90 and sm_87),
-without a GPU, in the launchers' default configs — with no register spill and shared memory
-within the arch's limit; and the I2Correlation autotuner's prune predicate names exactly the
+without a GPU, in the launchers' default configs and FOD training's launches — with no register
+spill and shared memory within the arch's limit; and the I2Correlation autotuner's prune predicate names exactly the
 configs that spilled in the recorded builds of its whole grid (bench/results/kernels-aot.json). The interpreter proves the math, not that a GPU build accepts the kernel
 (e.g. plain-float globals, which only the interpreter reads). The builds run in a child process:
 the kernels must be defined with TRITON_INTERPRET unset. All archs and dtypes:
@@ -18,27 +18,47 @@ import torch
 
 pytest.importorskip("triton")
 
-# Head dim 64 (FOD's second level) holds the most registers; fp16 covers bf16's tensor-core path.
+# Inference: head dim 64 (FOD's second level) holds the most registers; fp16 covers bf16's
+# tensor-core path (their recorded builds match). Training (TRAIN_LAUNCHES): both head dims, whose
+# launches differ.
 SCRIPT = r'''
 import json
 from fastad.kernels import aot
 
 builds = aot.build_all(archs=(90, 87), dtypes=("fp16", "fp32"), head_dims=(64,))
+builds += [aot.build(config, dtype, arch) for arch in (90, 87) for dtype in ("fp16", "fp32")
+           for config in aot.i2corr_train_configs(dtype, head_dims=(32, 64))]
 print(json.dumps({"builds": [b._asdict() for b in builds],
                   "problems": [p for b in builds for p in aot.problems(b)]}))
 '''
 
 
-def test_kernels_build_for_sm90_and_sm87_without_spills():
+@pytest.fixture(scope="module")
+def aot_builds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.splitlines()[-1])
-    kernels = {(b["kernel"], b["arch"], b["dtype"]) for b in result["builds"]}
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_kernels_build_for_sm90_and_sm87_without_spills(aot_builds):
+    inference = [b for b in aot_builds["builds"] if not b["constexprs"].get("SAVE_STATS")
+                 and "_bwd_" not in b["kernel"]]
+    kernels = {(b["kernel"], b["arch"], b["dtype"]) for b in inference}
     assert {k for k, _, _ in kernels} == {"_i2corr_fwd_kernel", "_feature_distance_fwd_kernel"}
-    assert len(kernels) == 2 * 2 * 2 and all(b["registers"] > 0 for b in result["builds"])
-    assert result["problems"] == []
+    assert len(kernels) == 2 * 2 * 2 and all(b["registers"] > 0 for b in inference)
+    assert aot_builds["problems"] == []
+
+
+def test_training_kernels_build_for_sm90_and_sm87_without_spills(aot_builds):
+    """The forward with SAVE_STATS, the dk/dv and the dq kernels at TRAIN_LAUNCHES' tiles, fp16
+    and fp32, head dims 32 and 64: every one built, none spilled (`problems` covers them)."""
+    train = {(b["kernel"], b["arch"], b["dtype"], b["constexprs"]["HEAD_DIM"]) for b in aot_builds["builds"]
+             if b["constexprs"].get("SAVE_STATS") or "_bwd_" in b["kernel"]}
+    assert len(train) == 3 * 2 * 2 * 2
+    assert {k for k, *_ in train} == {"_i2corr_fwd_kernel", "_i2corr_bwd_dkdv_kernel", "_i2corr_bwd_dq_kernel"}
+    assert not any(p for p in aot_builds["problems"] if "SAVE_STATS': True" in p or "_bwd_" in p)
 
 
 def test_problems_names_spills_and_shared_memory_over_the_limit():

@@ -46,3 +46,12 @@ def test_set_impl_refuses_triton_off_cuda(monkeypatch):
         with pytest.raises(FastADError, match="CUDA"):
             ops.set_impl(model, "triton")
         assert model.impl == "lean"
+
+
+def test_fod_training_branch_impl_follows_the_device():
+    """One switch: the Triton training kernels on CUDA tensors, the lean blocked path on the CPU
+    (even under TRITON_INTERPRET, which only the kernel tests use)."""
+    from fastad.kernels._impl import triton
+
+    assert ops.training_impl(torch.device("cpu")) == "lean"
+    assert ops.training_impl(torch.device("cuda")) == ("triton" if triton is not None else "lean")
