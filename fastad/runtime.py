@@ -47,7 +47,8 @@ from .errors import FastADError
 from .postprocess import Region, default_thresholds
 from .preprocess import prepare_batch
 from .results import Result  # noqa: F401 - part of this module's interface
-from .sidecar import read_artifact, read_sidecar
+from .sidecar import read_artifact, read_sidecar, sidecar_path
+from .utils import confined_file, read_verified
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 log = logging.getLogger(__name__)
@@ -187,6 +188,17 @@ class TensorRTEngine:
         return amap.cpu().numpy(), score.cpu().numpy()
 
 
+def read_openvino_ir(path: Path, side: dict) -> tuple[bytes, bytes]:
+    """An IR's graph (.xml) and weights (.bin) as bytes, each checked against the sha256 its
+    sidecar records; OpenVINO compiles these bytes, so what is checked is what runs."""
+    info = side.get("openvino")
+    if not isinstance(info, dict):
+        raise FastADError(f"{sidecar_path(path)}: not the sidecar of an OpenVINO IR (no 'openvino' entry)")
+    what = str(sidecar_path(path))
+    weights = confined_file(path.parent, info.get("weights", path.with_suffix(".bin").name), what)
+    return read_artifact(path, side), read_verified(weights, info.get("weights_sha256"), what)
+
+
 class OpenVINOEngine:
     """An exported OpenVINO IR (.xml + .bin) on the CPU. `precision` is OpenVINO's
     INFERENCE_PRECISION_HINT: fp32, or bf16 on CPUs with AVX512-BF16/AMX (an int8 file keeps its
@@ -213,8 +225,9 @@ class OpenVINOEngine:
         config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        xml, weights = read_openvino_ir(path, self.meta["sidecar"])
         try:
-            self.compiled = core.compile_model(str(path), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(xml, weights), "CPU", config)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise FastADError(f"cannot load {path} with OpenVINO: {str(e).strip().splitlines()[0]}") from None
         self.name, self.device, self.precision = "openvino", "cpu", precision
