@@ -29,7 +29,7 @@ from fastad.errors import FastADError
 from fastad.sidecar import sidecar_path
 from fastad.utils import atomic_path
 
-from .quantize import calibration_images, openvino_linear_layers
+from .quantize import calibration_images, openvino_linear_layers, quantization_record
 
 
 def import_openvino():
@@ -40,9 +40,9 @@ def import_openvino():
     return ov
 
 
-def quantize_int8(ov_model, images: np.ndarray):
+def quantize_int8(ov_model, images: np.ndarray, calibration=None):
     """NNCF post-training INT8 quantisation of the linear layers, calibrated on `images`
-    (n, 3, S, S), one per call."""
+    (n, 3, S, S), one per call. -> (the quantised model, its sidecar "quantization" entry)."""
     try:
         import nncf
     except ImportError:
@@ -51,8 +51,9 @@ def quantize_int8(ov_model, images: np.ndarray):
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
-                         ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
+                          ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    return model, quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
 
 
 def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8: bool = False,
@@ -73,17 +74,15 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         export_onnx(run_dir, onnx_path, check=False)
         side = read_sidecar(onnx_path)
         model = ov.convert_model(str(onnx_path))
-        extra = {}
         if int8:
             images = calibration_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
-            model = quantize_int8(model, images)
-            extra = {"calibration_images": len(images), "calibration": str(calibration) if calibration else "training data"}
+            model, side["quantization"] = quantize_int8(model, images, calibration)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)
         side.update({
             "file": out.name, "artifact": "openvino", "precision": "int8" if int8 else "fp32",
             "openvino": {"version": ov.get_version(), "weights": out.with_suffix(".bin").name,
-                         "weights_sha256": file_sha256(ir.with_suffix(".bin")), **extra},
+                         "weights_sha256": file_sha256(ir.with_suffix(".bin"))},
             "sha256": file_sha256(ir),
         })
         # .bin first: a reader that finds the .xml finds its weights

@@ -14,11 +14,13 @@ all. Everything else stays floating point: the backbone's convolutions (quantisi
 tiny run's map by most of its range), the attention products, the correlation statistics
 (softmax, RBF target, KL) and the blur.
 
-    quantize_onnx_int8(fp32.onnx, int8.onnx, images)   # onnxruntime, QDQ
+    quantize_onnx_int8(fp32.onnx, int8.onnx, images)   # onnxruntime, QDQ (export/onnx.py)
     openvino_linear_layers(ov_model)                    # names for NNCF (export/openvino.py)
+    quantization_record(...)                            # the sidecar's "quantization" entry
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -61,6 +63,12 @@ def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: i
         raise FastADError("no calibration images found")
     step = max(1, len(paths) // limit)  # spread over the set, not its first files
     return prepare_images(paths[::step][:limit], resize, crop).numpy()
+
+
+def quantization_record(tool: str, layers: list[str], images: np.ndarray, calibration) -> dict:
+    """The sidecar's "quantization" entry: what was quantised, with what, calibrated on what."""
+    return {"tool": tool, "int8_layers": len(layers), "calibration_images": int(len(images)),
+            "calibration": str(calibration) if calibration else "the run's training data"}
 
 
 def _reaches_sigmoid(node, consumers, kind, depth: int = _SIGMA_DEPTH) -> bool:
@@ -108,13 +116,15 @@ class _Batches:
         return next(self._feeds, None)
 
 
-def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: np.ndarray) -> list[str]:
+def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: np.ndarray,
+                       calibration=None) -> dict:
     """fp32 .onnx `src` -> int8 QDQ .onnx `dst`, calibrated (min/max) on `images` (n, 3, S, S).
-    -> the names of the int8 nodes.
+    -> its sidecar "quantization" entry.
 
     Weights int8 per output channel with the 7-bit range (reduce_range: no int16 overflow in the
     u8×s8 products of CPUs without VNNI), activations uint8 per tensor."""
     import onnx
+    import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .onnx import INPUT_NAME
@@ -122,13 +132,19 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: n
     linear = onnx_linear_layers(onnx.load(str(src)))
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
-    quantize_static(str(src), str(dst), _Batches(INPUT_NAME, images), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=linear,
-                    per_channel=True, reduce_range=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"DedicatedQDQPair": True, "MatMulConstBOnly": True})
-    return linear
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime's root-logger advice to pre-process: not needed, shapes are static
+    try:
+        quantize_static(str(src), str(dst), _Batches(INPUT_NAME, images), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=linear,
+                        per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"DedicatedQDQPair": True, "MatMulConstBOnly": True})
+    finally:
+        root.setLevel(level)
+    return quantization_record(f"onnxruntime {onnxruntime.__version__} (QDQ)", linear, images, calibration)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,5 +178,5 @@ def openvino_linear_layers(ov_model) -> tuple[list[str], list[str]]:
     return linear, other
 
 
-__all__ = ["calibration_images", "onnx_linear_layers", "quantize_onnx_int8", "openvino_linear_layers",
+__all__ = ["calibration_images", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8", "openvino_linear_layers",
            "CALIBRATION_IMAGES"]

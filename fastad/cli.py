@@ -198,8 +198,10 @@ def cmd_export(args) -> int:
     from fastad.export import CheckReport, export_engine, export_onnx, export_openvino
 
     t0 = time.perf_counter()
-    if args.int8 and args.format != "openvino":
-        raise FastADError("--int8 applies to --format openvino")
+    if (args.int8 or args.calibration) and args.format not in ("onnx", "openvino"):
+        raise FastADError("--int8 and --calibration apply to --format onnx and openvino")
+    if args.calibration and not args.int8:
+        raise FastADError("--calibration calibrates --int8: add --int8")
     if args.format == "triton":
         from fastad.export.triton import export_triton
 
@@ -210,7 +212,8 @@ def cmd_export(args) -> int:
               f"in {time.perf_counter() - t0:.0f} s -> {args.out}")
         return 0
     if args.format == "onnx":
-        side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
+        side = export_onnx(args.run, args.out, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
+                           opset=args.opset, check_batch=args.max_batch)
         print("\n".join(CheckReport.from_summary(side["trt_check"]).lines()))
     elif args.format == "openvino":
         if args.fp16:
@@ -427,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model.onnx, model.engine or model.xml (OpenVINO; + model.bin); a .json "
                    "sidecar goes next to it; triton: the model repository folder")
     p.add_argument("--int8", action="store_true",
-                   help="openvino: NNCF INT8 post-training quantisation, calibrated on normal images")
-    p.add_argument("--calibration", help="openvino --int8: folder of normal images (default: the run's training data)")
+                   help="onnx, openvino: the linear layers in INT8 (post-training quantisation: onnxruntime QDQ, "
+                        "NNCF), calibrated on normal images")
+    p.add_argument("--calibration", help="--int8: folder of normal images (default: the run's training data)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")

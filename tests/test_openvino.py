@@ -72,7 +72,7 @@ def test_int8_export_runs_close(run_dir, demo_data, reference, tmp_path):
     pytest.importorskip("nncf")
     out = tmp_path / "tiny-int8.xml"
     side = export_openvino(run_dir, out, calibration=demo_data / "train" / "good", int8=True)
-    assert side["precision"] == "int8" and side["openvino"]["calibration_images"] > 0
+    assert side["precision"] == "int8" and side["quantization"]["calibration_images"] > 0
     x, ref_maps, ref_scores = reference
     maps, scores = Predictor(out, device="cpu").scores_and_maps(x)
     assert np.isfinite(maps).all() and np.isfinite(scores).all()
