@@ -64,3 +64,38 @@ def test_int8_cli_errors(run_dir, demo_data, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and needle in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bench_cpu_line_fields(run_dir, demo_data, int8_onnx, tmp_path, capsys):
+    """One `fastad bench` over the CPU-line backends: each record names its precision and carries
+    FLOPs, GFLOP/s, its fraction of the matrix-product rate measured in the same run, and the
+    test-set AUROC and parity; the given int8 file serves onnx:int8 (none is exported)."""
+    j, md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["bench", "--run", str(run_dir), "--backend", "torch,onnx:int8", "--onnx", str(int8_onnx),
+            "--batch", "2", "--rounds", "1", "--matmul-size", "128", "--threads", "1", "--data", str(demo_data),
+            "--test-set", "--device", "cpu", "--json", str(j), "--md", str(md)]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads(j.read_text())
+    assert result["threads"] == 1 and result["matmul"]["size"] == 128
+    assert result["matmul"]["fp32_gflops"] > 0 and result["matmul"]["bf16_gflops"] > 0
+    assert result["flops_per_image"] > 1e8  # the tiny model at 128²: 0.2 GFLOP
+    n_test = len(list((demo_data / "test").rglob("*.png")))
+    by_name = {r["backend"]: r for r in result["records"]}
+    assert set(by_name) == {"torch", "onnx:int8"}
+    torch_rec, int8_rec = by_name["torch"], by_name["onnx:int8"]
+    assert (torch_rec["precision"], torch_rec["matmul_rate_ref"]) == ("fp32", "fp32")
+    assert (int8_rec["precision"], int8_rec["matmul_rate_ref"]) == ("int8", "bf16")
+    for r in result["records"]:
+        assert r["gflops"] == pytest.approx(r["flops_per_image"] * r["throughput_img_s"] / 1e9)
+        rate = result["matmul"][f"{r['matmul_rate_ref']}_gflops"]
+        assert r["fraction_of_matmul_rate"] == pytest.approx(r["gflops"] / rate)
+        assert r["test_images"] == n_test and 0.0 <= r["test_auroc"] <= 1.0
+    assert torch_rec["test_max_rel_diff_map"] == 0.0 and 0 < int8_rec["test_max_rel_diff_map"] <= 0.06
+    assert "GFLOP per image" in md.read_text() and "onnx:int8" in md.read_text()
+    for bad, needle in ((["--backend", "onnx:bf16"], "onnx runs at fp32, fp16, int8"),
+                        (["--backend", "openvx"], "unknown backend"),
+                        (["--test-set"], "--test-set needs --data")):
+        capsys.readouterr()
+        assert main(["bench", "--run", str(run_dir), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err, err
