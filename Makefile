@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.fastad-installed
 
-.PHONY: install demo test test-slow bottle cpp clean
+.PHONY: install demo test test-slow bottle bottle-deploy bottle-cpu-line cpp clean
 
 install: $(STAMP)
 
@@ -57,6 +57,21 @@ bottle-deploy: install
 	$(VENV)/bin/fastad bench --run runs/bottle --backend torch,torch-lean,onnx --batch 1,8 --rounds 5 \
 		--onnx runs/bottle-export/bottle.onnx --json bench/results/runtime_cpu.json \
 		--md bench/results/runtime_cpu.md --png bench/results/runtime_cpu.png
+
+# CPU production lines (issue 19): the run as fp32 and int8 ONNX and fp32 (run at fp32 and bf16) and
+# int8 OpenVINO IR, then one `fastad bench` at batch 8 over every backend, with each one's image
+# AUROC on the test set and the machine's matrix-product rate measured in the same run.
+RUN ?= runs/bottle
+CPU_LINE = $(RUN)-cpu-line
+bottle-cpu-line: install
+	$(VENV)/bin/fastad export --run $(RUN) --format onnx --out $(CPU_LINE)/fp32.onnx
+	$(VENV)/bin/fastad export --run $(RUN) --format onnx --out $(CPU_LINE)/int8.onnx --int8 --calibration $(BOTTLE)/train/good
+	$(VENV)/bin/fastad export --run $(RUN) --format openvino --out $(CPU_LINE)/fp32.xml
+	$(VENV)/bin/fastad export --run $(RUN) --format openvino --out $(CPU_LINE)/int8.xml --int8 --calibration $(BOTTLE)/train/good
+	$(VENV)/bin/fastad bench --run $(RUN) --device cpu --batch 8 --rounds 5 --matmul-size 2048 \
+		--backend torch,torch:bf16,onnx,onnx:int8,openvino,openvino:bf16,openvino:int8 \
+		--onnx $(CPU_LINE)/fp32.onnx,$(CPU_LINE)/int8.onnx --openvino $(CPU_LINE)/fp32.xml,$(CPU_LINE)/int8.xml \
+		--data $(BOTTLE) --test-set --json bench/results/cpu_line_bottle.json --md bench/results/cpu_line_bottle.md
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache build fastad/_postprocess*.so

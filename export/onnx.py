@@ -1,6 +1,6 @@
 """ONNX export of a trained run: the whole inference graph in one model.
 
-    fastad export --run runs/bottle --format onnx --out bottle.onnx [--fp16]
+    fastad export --run runs/bottle --format onnx --out bottle.onnx [--fp16 | --int8 [--calibration DIR]]
 
 Graph: input ``images`` float32 (B, 3, S, S) RGB in [0, 1] (resized by the caller; the backbone's
 mean/std normalisation is inside) -> outputs ``anomaly_map`` float32 (B, S, S), the final blurred
@@ -18,6 +18,10 @@ inside the graph), and the correlation statistics (softmax, RBF target, KL) stay
 torch path — the log-probabilities of a 1024-way softmax lose too much in fp16. This is the file
 that a strongly typed TensorRT (11.x) build needs for fp16.
 
+int8 variant (onnxruntime on a CPU line): the fp32 graph with the linear layers' inputs and weights
+behind QuantizeLinear/DequantizeLinear pairs (QDQ), calibrated on normal images; which layers and
+which images: export/quantize.py.
+
 Every file is written atomically: a failed export leaves nothing behind.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,8 +102,10 @@ def build_sidecar(conf: dict, model, *, precision: str, opset: int, fmt: str, fi
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False,
+                int8: bool = False, calibration: str | os.PathLike | None = None,
                 opset: int = DEFAULT_OPSET, check: bool = True, check_batch: int = 32) -> dict:
     """Export the run in `run_dir` to `out` (.onnx) plus its sidecar JSON. -> the sidecar dict.
+    `int8`: the linear layers in int8 (QDQ), calibrated on normal images (export/quantize.py).
 
     Raises FastADError for a bad run, output path or opset; with `check`, also when the graph
     uses anything outside TensorRT's supported set (see `fastad.export.check`).
@@ -108,6 +115,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
     from fastad.run import load_model
 
     from .check import check_onnx
+    from .quantize import calibration_images, quantize_onnx_int8
 
     out = Path(out)
     if out.suffix != ".onnx":
@@ -116,6 +124,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
         raise FastADError(f"{out} is a directory")
     if not 17 <= opset <= 20:
         raise FastADError(f"opset {opset} not supported: use 17..20 (TensorRT 10 parses up to 20)")
+    if fp16 and int8:
+        raise FastADError("--fp16 and --int8 exclude each other: pick one")
     model, conf = load_model(run_dir, device="cpu")
     dtype = torch.float16 if fp16 else torch.float32
     graph = InferenceGraph(model, dtype).eval()
@@ -131,14 +141,21 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
             torch.onnx.export(graph, (example,), str(tmp_onnx), input_names=[INPUT_NAME],
                               output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
+        extra = {}
+        if int8:
+            images = calibration_images(run_dir, calibration, model.cfg.resize, crop)
+            with tempfile.TemporaryDirectory(prefix="fastad-int8-") as tmp:
+                fp32 = Path(tmp) / "fp32.onnx"
+                os.replace(tmp_onnx, fp32)
+                extra["quantization"] = quantize_onnx_int8(fp32, tmp_onnx, images, calibration)
         proto = onnx.load(str(tmp_onnx))
         onnx.checker.check_model(proto, full_check=True)
         report = check_onnx(proto, batch=check_batch) if check else None
         if report is not None and not report.ok:
             raise FastADError(f"exported graph is not TensorRT-compatible: {report.errors[0]}")
         sidecar = build_sidecar(
-            conf, model, precision="fp16" if fp16 else "fp32", opset=opset, fmt="onnx", file=tmp_onnx,
-            extra={"trt_check": report.summary() if report is not None else None})
+            conf, model, precision="int8" if int8 else "fp16" if fp16 else "fp32", opset=opset, fmt="onnx",
+            file=tmp_onnx, extra={"trt_check": report.summary() if report is not None else None, **extra})
         sidecar["file"] = out.name
         tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n")
     return sidecar

@@ -12,9 +12,7 @@ converted with `openvino.convert_model`; weights stay fp32 in the file. Reduced 
 - int8 (`--int8`): NNCF post-training quantisation (`nncf.quantize`, transformer preset) of the
   linear layers only — every matrix product with a 2-D constant weight — calibrated on normal
   training images (the run's training data unless `--calibration DIR` names a folder of normal
-  images). Everything else stays in floating point, by `weight_products` below: the backbone's
-  convolutions (measured in docs/deployment.md), the
-  attention products, the correlation statistics (softmax, RBF target, KL) and the blur.
+  images). Which layers and which images: export/quantize.py, shared with the ONNX int8 export.
 
 Every file is written atomically: a failed export leaves nothing behind.
 """
@@ -31,7 +29,7 @@ from fastad.errors import FastADError
 from fastad.sidecar import sidecar_path
 from fastad.utils import atomic_path
 
-CALIBRATION_IMAGES = 64
+from .quantize import calibration_images, openvino_linear_layers, quantization_record
 
 
 def import_openvino():
@@ -42,85 +40,20 @@ def import_openvino():
     return ov
 
 
-def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: int, crop: int,
-                       limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """Up to `limit` normal images as float32 (n, 3, S, S): from `calibration` (a folder of images,
-    or a dataset root with a train split), else from the run's recorded training data."""
-    from fastad.data.layouts import _images_in, list_samples
-    from fastad.preprocess import prepare_images
-    from fastad.run import read_run_config
-
-    if calibration is None:
-        training = read_run_config(run_dir).get("training") or {}
-        data, layout = training.get("data"), training.get("layout")
-        if not data or not Path(data).exists():
-            raise FastADError(f"{run_dir}: its training data {data!r} is not available; "
-                              "name normal images with --calibration DIR")
-        paths = [s.path for s in list_samples(data, "train", layout=layout)]
-    else:
-        root = Path(calibration)
-        if not root.is_dir():
-            raise FastADError(f"--calibration {root}: not a directory")
-        paths = [str(p) for p in _images_in(root)]
-        if not paths:
-            paths = [s.path for s in list_samples(root, "train")]
-    if not paths:
-        raise FastADError("no calibration images found")
-    step = max(1, len(paths) // limit)  # spread over the set, not its first files
-    return prepare_images(paths[::step][:limit], resize, crop).numpy()
-
-
-def _producer(port):
-    """The node feeding an input port, looking through dtype conversions and transposes."""
-    node = port.get_source_output().get_node()
-    while node.get_type_name() in ("Convert", "Transpose"):
-        node = node.input(0).get_source_output().get_node()
-    return node
-
-
-def _feeds_sigmoid(op, depth: int = 6) -> bool:
-    """True for a product whose output reaches a Sigmoid through elementwise and layout
-    operations: FOD's σ head, which enters the RBF target through an exponential, so its
-    rounding error is not small."""
-    if depth == 0:
-        return False
-    for target in op.output(0).get_target_inputs():
-        node = target.get_node()
-        kind = node.get_type_name()
-        if kind == "Sigmoid" or (kind in ("Add", "Multiply", "Reshape", "Transpose") and _feeds_sigmoid(node, depth - 1)):
-            return True
-    return False
-
-
-def weight_products(ov_model) -> tuple[list[str], list[str]]:
-    """-> (names of the linear layers' matrix products: activation × 2-D constant weight, σ heads
-    excepted; names of every other operation NNCF would quantise)."""
-    linear, other = [], []
-    for op in ov_model.get_ops():
-        kind = op.get_type_name()
-        if kind == "MatMul":
-            a, w = _producer(op.input(0)), _producer(op.input(1))
-            is_linear = (w.get_type_name() == "Constant" and len(w.get_output_partial_shape(0)) == 2
-                         and a.get_type_name() != "Constant" and not _feeds_sigmoid(op))
-            (linear if is_linear else other).append(op.get_friendly_name())
-        elif kind in ("Convolution", "GroupConvolution", "ScaledDotProductAttention", "MVN", "Multiply", "Add"):
-            other.append(op.get_friendly_name())
-    return linear, other
-
-
-def quantize_int8(ov_model, images: np.ndarray):
+def quantize_int8(ov_model, images: np.ndarray, calibration=None):
     """NNCF post-training INT8 quantisation of the linear layers, calibrated on `images`
-    (n, 3, S, S), one per call."""
+    (n, 3, S, S), one per call. -> (the quantised model, its sidecar "quantization" entry)."""
     try:
         import nncf
     except ImportError:
         raise FastADError("--int8 needs NNCF: pip install nncf") from None
-    linear, other = weight_products(ov_model)
+    linear, other = openvino_linear_layers(ov_model)
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
-                         ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
+                          ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    return model, quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
 
 
 def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8: bool = False,
@@ -141,17 +74,15 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         export_onnx(run_dir, onnx_path, check=False)
         side = read_sidecar(onnx_path)
         model = ov.convert_model(str(onnx_path))
-        extra = {}
         if int8:
             images = calibration_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
-            model = quantize_int8(model, images)
-            extra = {"calibration_images": len(images), "calibration": str(calibration) if calibration else "training data"}
+            model, side["quantization"] = quantize_int8(model, images, calibration)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)
         side.update({
             "file": out.name, "artifact": "openvino", "precision": "int8" if int8 else "fp32",
             "openvino": {"version": ov.get_version(), "weights": out.with_suffix(".bin").name,
-                         "weights_sha256": file_sha256(ir.with_suffix(".bin")), **extra},
+                         "weights_sha256": file_sha256(ir.with_suffix(".bin"))},
             "sha256": file_sha256(ir),
         })
         # .bin first: a reader that finds the .xml finds its weights
@@ -163,4 +94,4 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
     return side
 
 
-__all__ = ["export_openvino", "calibration_images"]
+__all__ = ["export_openvino"]

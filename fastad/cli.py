@@ -14,7 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .backends import BACKENDS, PRECISIONS
+from .backends import BACKENDS, BENCH_PRECISIONS, PRECISIONS
 from .errors import FastADError
 from .training.task import int_at_least
 
@@ -198,8 +198,10 @@ def cmd_export(args) -> int:
     from fastad.export import CheckReport, export_engine, export_onnx, export_openvino
 
     t0 = time.perf_counter()
-    if args.int8 and args.format != "openvino":
-        raise FastADError("--int8 applies to --format openvino")
+    if (args.int8 or args.calibration) and args.format not in ("onnx", "openvino"):
+        raise FastADError("--int8 and --calibration apply to --format onnx and openvino")
+    if args.calibration and not args.int8:
+        raise FastADError("--calibration calibrates --int8: add --int8")
     if args.format == "triton":
         from fastad.export.triton import export_triton
 
@@ -210,7 +212,8 @@ def cmd_export(args) -> int:
               f"in {time.perf_counter() - t0:.0f} s -> {args.out}")
         return 0
     if args.format == "onnx":
-        side = export_onnx(args.run, args.out, fp16=args.fp16, opset=args.opset, check_batch=args.max_batch)
+        side = export_onnx(args.run, args.out, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
+                           opset=args.opset, check_batch=args.max_batch)
         print("\n".join(CheckReport.from_summary(side["trt_check"]).lines()))
     elif args.format == "openvino":
         if args.fp16:
@@ -317,8 +320,11 @@ def cmd_bench(args) -> int:
     if args.run is None:
         raise FastADError("give --run (a run directory), or --server URL to benchmark a Triton server")
     result = run_bench(args.run, _csv_list(args.backend), args.batch, device=args.device, data=args.data,
-                       rounds=args.rounds, max_seconds=args.max_seconds, onnx=args.onnx, engine=args.engine,
-                       command="fastad " + " ".join(args.argv))
+                       rounds=args.rounds, max_seconds=args.max_seconds, engine=args.engine,
+                       onnx=_csv_list(args.onnx) if args.onnx else None,
+                       openvino=_csv_list(args.openvino) if args.openvino else None,
+                       calibration=args.calibration, threads=args.threads, matmul_size=args.matmul_size,
+                       test_set=args.test_set, command="fastad " + " ".join(args.argv))
     write_outputs(result, args.json, args.md, args.png)
     print(markdown_table(result), end="")
     return 0
@@ -427,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model.onnx, model.engine or model.xml (OpenVINO; + model.bin); a .json "
                    "sidecar goes next to it; triton: the model repository folder")
     p.add_argument("--int8", action="store_true",
-                   help="openvino: NNCF INT8 post-training quantisation, calibrated on normal images")
-    p.add_argument("--calibration", help="openvino --int8: folder of normal images (default: the run's training data)")
+                   help="onnx, openvino: the linear layers in INT8 (post-training quantisation: onnxruntime QDQ, "
+                        "NNCF), calibrated on normal images")
+    p.add_argument("--calibration", help="--int8: folder of normal images (default: the run's training data)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")
@@ -470,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="latency/throughput/memory/parity of backends and batch sizes, or of a Triton server")
     p.add_argument("--run", help="run directory written by fastad train; with --server: what to run in-process beside it "
                    "(a run directory or the repository's model.onnx)")
-    p.add_argument("--backend", default="torch,onnx", help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--backend", default="torch,onnx",
+                   help="comma-separated backend[:precision], e.g. torch,onnx,onnx:int8,openvino:bf16 (default "
+                        "torch,onnx); " + "; ".join(f"{b}: {'/'.join(ps)}" for b, ps in BENCH_PRECISIONS.items()))
     p.add_argument("--batch", type=_csv_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--json", help="write the JSON result here")
     p.add_argument("--md", help="write a Markdown table here")
@@ -478,8 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="time on this dataset's test images (default: seeded noise)")
     p.add_argument("--rounds", type=_positive_int, help="timed rounds per batch size (default: until --max-seconds)")
     p.add_argument("--max-seconds", type=_positive_float, default=60.0, help="time budget per batch size (default 60)")
-    p.add_argument("--onnx", help="use this .onnx instead of exporting the run")
+    p.add_argument("--onnx", help="comma-separated .onnx files to use instead of exporting the run (each serves "
+                   "the precision its sidecar records)")
+    p.add_argument("--openvino", help="comma-separated OpenVINO .xml files, likewise (an fp32 IR serves fp32 and bf16)")
     p.add_argument("--engine", help="use this TensorRT engine instead of building one")
+    p.add_argument("--calibration", help="normal images for int8 files exported on the fly (default: the run's training data)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads per backend (default: each engine's own choice)")
+    p.add_argument("--matmul-size", type=_positive_int,
+                   help="also time an N×N torch matrix product in fp32 and bf16 among the backends, and report each "
+                        "backend's GFLOP/s as a fraction of that rate (e.g. 2048)")
+    p.add_argument("--test-set", action="store_true",
+                   help="also score --data's whole test set with every backend: image AUROC and max |Δ map| / range")
     g = p.add_argument_group("a Triton server (fastad serve)")
     g.add_argument("--server", help="benchmark this server: http://HOST:PORT or grpc://HOST:PORT")
     g.add_argument("--model", help="the pipeline model's name (default: the server's one fastad pipeline model)")

@@ -47,7 +47,8 @@ from .errors import FastADError
 from .postprocess import Region, default_thresholds
 from .preprocess import prepare_batch
 from .results import Result  # noqa: F401 - part of this module's interface
-from .sidecar import read_artifact, read_sidecar
+from .sidecar import read_artifact, read_sidecar, sidecar_path
+from .utils import confined_file, read_verified
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 log = logging.getLogger(__name__)
@@ -79,9 +80,13 @@ class TorchEngine:
 
     max_batch = None
 
-    def __init__(self, run_dir, backend: str = "torch", device: str = "auto", precision: str = "fp32"):
+    def __init__(self, run_dir, backend: str = "torch", device: str = "auto", precision: str = "fp32",
+                 threads: int | None = None):
         from .export.onnx import InferenceGraph
         from .run import load_model
+
+        if threads:
+            torch.set_num_threads(int(threads))  # torch has one thread pool per process
 
         model, conf = load_model(run_dir, device, backend)
         self.graph = InferenceGraph(model, DTYPE_OF_PRECISION[precision])  # casts the model
@@ -187,6 +192,17 @@ class TensorRTEngine:
         return amap.cpu().numpy(), score.cpu().numpy()
 
 
+def read_openvino_ir(path: Path, side: dict) -> tuple[bytes, bytes]:
+    """An IR's graph (.xml) and weights (.bin) as bytes, each checked against the sha256 its
+    sidecar records; OpenVINO compiles these bytes, so what is checked is what runs."""
+    info = side.get("openvino")
+    if not isinstance(info, dict):
+        raise FastADError(f"{sidecar_path(path)}: not the sidecar of an OpenVINO IR (no 'openvino' entry)")
+    what = str(sidecar_path(path))
+    weights = confined_file(path.parent, info.get("weights", path.with_suffix(".bin").name), what)
+    return read_artifact(path, side), read_verified(weights, info.get("weights_sha256"), what)
+
+
 class OpenVINOEngine:
     """An exported OpenVINO IR (.xml + .bin) on the CPU. `precision` is OpenVINO's
     INFERENCE_PRECISION_HINT: fp32, or bf16 on CPUs with AVX512-BF16/AMX (an int8 file keeps its
@@ -213,8 +229,9 @@ class OpenVINOEngine:
         config = {"INFERENCE_PRECISION_HINT": self.HINTS[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        xml, weights = read_openvino_ir(path, self.meta["sidecar"])
         try:
-            self.compiled = core.compile_model(str(path), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(xml, weights), "CPU", config)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
             raise FastADError(f"cannot load {path} with OpenVINO: {str(e).strip().splitlines()[0]}") from None
         self.name, self.device, self.precision = "openvino", "cpu", precision
@@ -227,9 +244,13 @@ class OpenVINOEngine:
         return np.asarray(amap, np.float32).copy(), np.asarray(score, np.float32).copy()
 
 
-def open_engine(path, backend: str = "auto", device: str = "auto", precision: str = "fp32"):
+def open_engine(path, backend: str = "auto", device: str = "auto", precision: str = "fp32",
+                threads: int | None = None):
     """Pick the engine for `path`: a run directory (torch backends, at `precision`), .onnx, or
-    .engine/.plan (their precision is the file's)."""
+    .engine/.plan (their precision is the file's). `threads`: CPU threads of the engine (torch:
+    of the whole process)."""
+    if threads is not None and int(threads) < 1:
+        raise FastADError(f"threads must be >= 1, got {threads}")
     path = Path(path)
     if backend not in ("auto",) + BACKENDS:
         raise FastADError(f"unknown backend {backend!r}: use auto, {', '.join(BACKENDS)}")
@@ -247,15 +268,15 @@ def open_engine(path, backend: str = "auto", device: str = "auto", precision: st
             fmt = {"onnx": "onnx", "openvino": "openvino"}.get(backend, "engine")
             raise FastADError(f"backend {backend} needs an exported file, not a run directory: "
                               f"fastad export --run {path} --format {fmt} --out ...")
-        return TorchEngine(path, backend, device, precision)
+        return TorchEngine(path, backend, device, precision, threads)
     if path.suffix == ".onnx":
         if backend not in ("auto", "onnx"):
             raise FastADError(f"{path} is an ONNX model: use backend onnx (or auto)")
-        return OnnxEngine(path, device)
+        return OnnxEngine(path, device, threads)
     if path.suffix == ".xml":
         if backend not in ("auto", "openvino"):
             raise FastADError(f"{path} is an OpenVINO IR: use backend openvino (or auto)")
-        return OpenVINOEngine(path, device, precision)
+        return OpenVINOEngine(path, device, precision, threads)
     if path.suffix in ENGINE_SUFFIXES:
         if backend not in ("auto", "tensorrt"):
             raise FastADError(f"{path} is a TensorRT engine: use backend tensorrt (or auto)")
@@ -276,16 +297,18 @@ class Predictor:
     threshold / pixel_threshold: override the defaults (sidecar or run config, see
     `postprocess.default_thresholds`); `calibrate()` sets both from normal images.
     batch_size: the engine sees at most this many images per call.
-    precision: fp32 (default), fp16 or bf16 for a run directory (see `TorchEngine`).
+    precision: fp32 (default), fp16 or bf16 for a run directory (see `TorchEngine`); fp32 or bf16
+    for an OpenVINO IR.
+    threads: CPU threads the engine may use (default: its own choice; torch's is process-wide).
     """
 
     def __init__(self, path, backend: str = "auto", device: str = "auto", *,
                  threshold: float | None = None, pixel_threshold: float | None = None,
                  batch_size: int = 8, min_region_area: int = 1, warmup: bool = True,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", threads: int | None = None):
         if int(batch_size) < 1:
             raise FastADError(f"batch_size must be >= 1, got {batch_size}")
-        self.engine = open_engine(path, backend, device, precision)
+        self.engine = open_engine(path, backend, device, precision, threads)
         meta = self.engine.meta
         self.resize, self.crop = int(meta["resize"]), int(meta["crop"])
         defaults = meta.get("thresholds") or {}

@@ -483,7 +483,7 @@ def test_cli_bench_outputs(run_dir, onnx_path, tmp_path, capsys):
         assert r["throughput_img_s"] > 0 and r["peak_mem_mb"] >= 0 and r["iterations"] == 2
         assert r["max_abs_diff_map"] <= 1e-4 and r["max_abs_diff_score"] <= 1e-4
     assert md.read_text().count("\n| ") == 1 + 6 and png.read_bytes()[:4] == b"\x89PNG"
-    assert_user_error(*run_cli(capsys, "bench", "--run", run_dir, "--backend", "openvino")[::2], "unknown backend")
+    assert_user_error(*run_cli(capsys, "bench", "--run", run_dir, "--backend", "openvx")[::2], "unknown backend")
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_int8_export_runs_close(run_dir, demo_data, reference, tmp_path):
     pytest.importorskip("nncf")
     out = tmp_path / "tiny-int8.xml"
     side = export_openvino(run_dir, out, calibration=demo_data / "train" / "good", int8=True)
-    assert side["precision"] == "int8" and side["openvino"]["calibration_images"] > 0
+    assert side["precision"] == "int8" and side["quantization"]["calibration_images"] > 0
     x, ref_maps, ref_scores = reference
     maps, scores = Predictor(out, device="cpu").scores_and_maps(x)
     assert np.isfinite(maps).all() and np.isfinite(scores).all()
@@ -97,3 +97,38 @@ def test_cli_export_and_errors(run_dir, tmp_path, capsys):
     assert not (tmp_path / "n.xml").exists()
     with pytest.raises(FastADError, match="backend openvino"):
         Predictor(out, backend="onnx", device="cpu")
+
+
+def test_ir_integrity(ir_path, tmp_path):
+    """The sidecar's sha256 of the graph and of the weights are checked on the bytes OpenVINO
+    compiles; a changed, missing or misnamed file is one FastADError line."""
+    import shutil
+
+    def copy(name: str) -> Path:
+        out = tmp_path / name / "m.xml"
+        out.parent.mkdir()
+        for src, dst in ((ir_path, out), (ir_path.with_suffix(".bin"), out.with_suffix(".bin"))):
+            shutil.copy(src, dst)
+        side = json.loads(Path(str(ir_path) + ".json").read_text())
+        side["file"], side["openvino"]["weights"] = "m.xml", "m.bin"
+        Path(str(out) + ".json").write_text(json.dumps(side))
+        return out
+
+    Predictor(copy("ok"), device="cpu", warmup=False)
+    graph = copy("graph")
+    graph.write_text(graph.read_text().replace("<net ", "<net  ", 1))
+    weights = copy("weights")
+    data = bytearray(weights.with_suffix(".bin").read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.with_suffix(".bin").write_bytes(bytes(data))
+    missing = copy("missing")
+    missing.with_suffix(".bin").unlink()
+    escaping = copy("escaping")
+    side = json.loads(Path(str(escaping) + ".json").read_text())
+    side["openvino"]["weights"] = "../ok/m.bin"
+    Path(str(escaping) + ".json").write_text(json.dumps(side))
+    for path, needle in ((graph, "does not match the sha256"), (weights, "m.bin does not match the sha256"),
+                         (missing, "has no m.bin"), (escaping, "only a file name")):
+        with pytest.raises(FastADError) as e:
+            Predictor(path, device="cpu", warmup=False)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
