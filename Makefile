@@ -69,7 +69,7 @@ bottle-cpu-line: install
 	$(VENV)/bin/fastad export --run $(RUN) --format openvino --out $(CPU_LINE)/fp32.xml
 	$(VENV)/bin/fastad export --run $(RUN) --format openvino --out $(CPU_LINE)/int8.xml --int8 --calibration $(BOTTLE)/train/good
 	$(VENV)/bin/fastad bench --run $(RUN) --device cpu --batch 8 --rounds 5 --matmul-size 2048 \
-		--backend torch,torch:bf16,onnx,onnx:int8,openvino,openvino:bf16,openvino:int8 \
+		--backend torch,torch:bf16,onnx,onnx:int8,openvino,openvino:bf16,openvino:int8,openvino:int8+bf16 \
 		--onnx $(CPU_LINE)/fp32.onnx,$(CPU_LINE)/int8.onnx --openvino $(CPU_LINE)/fp32.xml,$(CPU_LINE)/int8.xml \
 		--data $(BOTTLE) --test-set --json bench/results/cpu_line_bottle.json --md bench/results/cpu_line_bottle.md
 

@@ -1,7 +1,7 @@
 """OpenVINO export of a trained run, for CPU production lines: IR (model.xml + model.bin) + sidecar.
 
     fastad export --run runs/bottle --format openvino --out bottle.xml
-    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 [--calibration DIR]
+    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 [--calibration DIR] [--quantizer nncf]
 
 The graph is the ONNX export's (the same inputs, outputs and fp32 statistics, see export/onnx.py),
 converted with `openvino.convert_model`; weights stay fp32 in the file. Reduced precision:
@@ -9,10 +9,13 @@ converted with `openvino.convert_model`; weights stay fp32 in the file. Reduced 
 - bf16: not a file property. The fp32 IR runs in bf16 on CPUs with AVX512-BF16 / AMX when the
   runtime is asked for it (`fastad.load(xml, precision="bf16")`: OpenVINO's
   INFERENCE_PRECISION_HINT), so one file serves both.
-- int8 (`--int8`): NNCF post-training quantisation (`nncf.quantize`, transformer preset) of the
-  linear layers only — every matrix product with a 2-D constant weight — calibrated on normal
-  training images (the run's training data unless `--calibration DIR` names a folder of normal
-  images). Which layers and which images: export/quantize.py, shared with the ONNX int8 export.
+- int8 (`--int8`): the linear layers only, calibrated on normal training images (the run's
+  training data unless `--calibration DIR` names a folder of normal images); which layers and
+  which images: export/quantize.py. By default the int8 ONNX export's QDQ graph (onnxruntime's
+  quantiser) is converted, its QuantizeLinear/DequantizeLinear pairs becoming OpenVINO
+  FakeQuantize operations, so both formats carry the same quantisation. `quantizer="nncf"`
+  quantises the IR with NNCF instead (`nncf.quantize`, transformer preset, the same layers); it
+  moved the maps further from the fp32 reference (docs/deployment.md).
 
 Every file is written atomically: a failed export leaves nothing behind.
 """
@@ -40,7 +43,7 @@ def import_openvino():
     return ov
 
 
-def quantize_int8(ov_model, images: np.ndarray, calibration=None):
+def quantize_nncf(ov_model, images: np.ndarray, calibration=None):
     """NNCF post-training INT8 quantisation of the linear layers, calibrated on `images`
     (n, 3, S, S), one per call. -> (the quantised model, its sidecar "quantization" entry)."""
     try:
@@ -56,9 +59,13 @@ def quantize_int8(ov_model, images: np.ndarray, calibration=None):
     return model, quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
 
 
+QUANTIZERS = ("onnxruntime", "nncf")
+
+
 def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8: bool = False,
-                    calibration: str | os.PathLike | None = None) -> dict:
-    """Run directory -> OpenVINO IR `out` (.xml, + .bin and `out`.json sidecar). -> the sidecar."""
+                    calibration: str | os.PathLike | None = None, quantizer: str = "onnxruntime") -> dict:
+    """Run directory -> OpenVINO IR `out` (.xml, + .bin and `out`.json sidecar). -> the sidecar.
+    `quantizer` (with `int8`): "onnxruntime", the int8 ONNX export's QDQ graph converted, or "nncf"."""
     from .onnx import export_onnx, file_sha256
 
     from fastad.sidecar import read_sidecar
@@ -68,15 +75,18 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         raise FastADError(f"--out must end in .xml (OpenVINO IR; the weights go to .bin beside it), got {out}")
     if out.exists() and out.is_dir():
         raise FastADError(f"{out} is a directory")
+    if quantizer not in QUANTIZERS:
+        raise FastADError(f"unknown quantizer {quantizer!r}: use {' or '.join(QUANTIZERS)}")
     ov = import_openvino()
     with tempfile.TemporaryDirectory(prefix="fastad-ov-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(run_dir, onnx_path, check=False)
+        qdq = int8 and quantizer == "onnxruntime"
+        export_onnx(run_dir, onnx_path, int8=qdq, calibration=calibration, check=False)
         side = read_sidecar(onnx_path)
-        model = ov.convert_model(str(onnx_path))
-        if int8:
+        model = ov.convert_model(str(onnx_path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
+        if int8 and not qdq:
             images = calibration_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
-            model, side["quantization"] = quantize_int8(model, images, calibration)
+            model, side["quantization"] = quantize_nncf(model, images, calibration)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)
         side.update({

@@ -127,16 +127,15 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: n
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .onnx import INPUT_NAME
-
-    linear = onnx_linear_layers(onnx.load(str(src)))
+    proto = onnx.load(str(src))
+    linear = onnx_linear_layers(proto)
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # onnxruntime's root-logger advice to pre-process: not needed, shapes are static
     try:
-        quantize_static(str(src), str(dst), _Batches(INPUT_NAME, images), quant_format=QuantFormat.QDQ,
+        quantize_static(str(src), str(dst), _Batches(proto.graph.input[0].name, images), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=linear,
                         per_channel=True, reduce_range=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

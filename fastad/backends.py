@@ -16,7 +16,7 @@ or bf16, from an fp32 or int8 file) or tensorrt (a serialized engine).
 `fastad bench` names a backend at a precision as "backend[:precision]" (BENCH_PRECISIONS): a run
 directory's precision is applied when the model is built; an .onnx / engine runs at the precision
 it was exported with (fp16, int8); an OpenVINO fp32 IR runs at fp32 or bf16 (a runtime hint), an
-int8 IR at fp32 around its int8 products.
+int8 IR at fp32 or bf16 ("int8+bf16") around its int8 products.
 """
 from __future__ import annotations
 
@@ -32,4 +32,4 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 # backend -> the precisions `fastad bench` accepts for it (the first is the default).
 BENCH_PRECISIONS = {**{b: PRECISIONS for b in RUN_BACKENDS}, "onnx": ("fp32", "fp16", "int8"),
-                    "openvino": ("fp32", "bf16", "int8"), "tensorrt": ("fp32", "fp16")}
+                    "openvino": ("fp32", "bf16", "int8", "int8+bf16"), "tensorrt": ("fp32", "fp16")}

@@ -141,10 +141,11 @@ def backend_label(backend: str, precision: str) -> str:
 def _file_for(backend: str, precision: str, run_dir: str, files: dict, tmp: Path, batches: list[int],
               calibration: str | None) -> Path:
     """The exported file a (file backend, precision) runs: one of the given files whose sidecar has
-    that precision, else exported from the run into `tmp`. An OpenVINO bf16 runs the fp32 IR."""
+    that precision, else exported from the run into `tmp`. OpenVINO's bf16 is a runtime hint: bf16
+    runs the fp32 IR, int8+bf16 the int8 IR."""
     from .sidecar import read_sidecar
 
-    wanted = "fp32" if (backend, precision) == ("openvino", "bf16") else precision
+    wanted = {"bf16": "fp32", "int8+bf16": "int8"}.get(precision, precision) if backend == "openvino" else precision
     for path in files.get(backend) or []:
         if read_sidecar(path).get("precision") == wanted:
             return Path(path)
@@ -173,7 +174,7 @@ def _open(spec: tuple[str, str], run_dir: str, device: str, files: dict, tmp: Pa
         return Predictor(run_dir, backend=backend, device=device, batch_size=max(batches), precision=precision,
                          threads=threads)
     path = _file_for(backend, precision, run_dir, files, tmp, batches, calibration)
-    hint = "bf16" if (backend, precision) == ("openvino", "bf16") else "fp32"
+    hint = "bf16" if backend == "openvino" and precision.endswith("bf16") else "fp32"
     return Predictor(path, backend=backend, device=device, batch_size=max(batches), precision=hint,
                      threads=threads)
 

@@ -200,6 +200,8 @@ def cmd_export(args) -> int:
     t0 = time.perf_counter()
     if (args.int8 or args.calibration) and args.format not in ("onnx", "openvino"):
         raise FastADError("--int8 and --calibration apply to --format onnx and openvino")
+    if args.quantizer != "onnxruntime" and not (args.int8 and args.format == "openvino"):
+        raise FastADError("--quantizer applies to --format openvino --int8")
     if args.calibration and not args.int8:
         raise FastADError("--calibration calibrates --int8: add --int8")
     if args.format == "triton":
@@ -219,7 +221,8 @@ def cmd_export(args) -> int:
         if args.fp16:
             raise FastADError("--fp16 does not apply to OpenVINO IR: export fp32 and run it with --precision bf16, "
                               "or quantise with --int8")
-        side = export_openvino(args.run, args.out, int8=args.int8, calibration=args.calibration)
+        side = export_openvino(args.run, args.out, int8=args.int8, calibration=args.calibration,
+                               quantizer=args.quantizer)
     else:
         side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
                              opt_batch=args.opt_batch, max_batch=args.max_batch,
@@ -436,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx, openvino: the linear layers in INT8 (post-training quantisation: onnxruntime QDQ, "
                         "NNCF), calibrated on normal images")
     p.add_argument("--calibration", help="--int8: folder of normal images (default: the run's training data)")
+    p.add_argument("--quantizer", default="onnxruntime", choices=["onnxruntime", "nncf"],
+                   help="openvino --int8: convert onnxruntime's QDQ graph (default, as --format onnx --int8) or "
+                        "quantise the IR with NNCF")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")

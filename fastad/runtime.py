@@ -1,9 +1,10 @@
-"""The one way into inference: a run directory, an .onnx or a TensorRT .engine, one call.
+"""The one way into inference: a run directory, an .onnx, an OpenVINO .xml or a TensorRT .engine, one call.
 
     import fastad
     p = fastad.load("runs/bottle")                  # = fastad.Predictor(...); backend="auto"
     p = fastad.load("bottle.onnx")                  # onnxruntime, CPU or CUDA (device="cuda")
     p = fastad.load("bottle.engine")                # TensorRT
+    p = fastad.load("bottle.xml", precision="bf16", threads=2)  # OpenVINO IR on the CPU
     p.calibrate(["good/000.png", ...])              # threshold from normal validation images
     res = p.predict(["a.png", frame_uint8_hwc, ...])  # any sizes, uint8 or float in [0, 1]
     res.scores, res.is_anomalous                    # (B,) image scores and decisions

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastad.cli import main
+from fastad.errors import FastADError
 from fastad.export import export_onnx, read_sidecar
 from fastad.preprocess import prepare_images
 from fastad.runtime import Predictor
@@ -108,3 +109,13 @@ def test_torch_bf16_stays_close(run_dir, reference):
     assert np.isfinite(maps).all() and np.isfinite(scores).all()
     # bf16's 8-bit mantissa through the backbone and transformers: 0.099 of the range on this tiny model
     assert _max_delta(maps, ref_maps[:4]) <= 0.15
+
+
+def test_backend_names():
+    from fastad.benchmark import backend_label, parse_backend
+
+    assert parse_backend("onnx") == ("onnx", "fp32") and parse_backend("torch:bf16") == ("torch", "bf16")
+    assert parse_backend("openvino:int8+bf16") == ("openvino", "int8+bf16")
+    assert backend_label("onnx", "fp32") == "onnx" and backend_label("onnx", "int8") == "onnx:int8"
+    with pytest.raises(FastADError, match="torch runs at fp32, fp16, bf16"):
+        parse_backend("torch:int8")

@@ -1,4 +1,4 @@
-"""OpenVINO: `fastad export --format openvino` (fp32 IR, NNCF INT8) and the `openvino` backend
+"""OpenVINO: `fastad export --format openvino` (fp32 IR; INT8 from onnxruntime's QDQ graph or NNCF) and the `openvino` backend
 (fp32, bf16 precision hint), each against the torch reference on the same inputs."""
 from __future__ import annotations
 
@@ -68,18 +68,26 @@ def test_bf16_hint_stays_close(ir_path, reference):
     assert _max_delta(maps, ref_maps) <= 0.15
 
 
-def test_int8_export_runs_close(run_dir, demo_data, reference, tmp_path):
-    pytest.importorskip("nncf")
+# quantizer -> (max |Δ map| / range, score correlation) bounds on this one-epoch tiny model.
+# Linear layers only in int8 (quantising the backbone as well gave 0.88 of the range here).
+# onnxruntime's QDQ graph converted: 0.036, the σ heads reading float input; NNCF: 0.26-0.38.
+INT8_BOUNDS = {"onnxruntime": (0.06, 0.98), "nncf": (0.35, 0.9)}
+
+
+@pytest.mark.parametrize("quantizer", sorted(INT8_BOUNDS))
+def test_int8_export_runs_close(run_dir, demo_data, reference, tmp_path, quantizer):
+    if quantizer == "nncf":
+        pytest.importorskip("nncf")
     out = tmp_path / "tiny-int8.xml"
-    side = export_openvino(run_dir, out, calibration=demo_data / "train" / "good", int8=True)
+    side = export_openvino(run_dir, out, calibration=demo_data / "train" / "good", int8=True, quantizer=quantizer)
     assert side["precision"] == "int8" and side["quantization"]["calibration_images"] > 0
+    assert side["quantization"]["tool"].startswith(quantizer)
     x, ref_maps, ref_scores = reference
     maps, scores = Predictor(out, device="cpu").scores_and_maps(x)
     assert np.isfinite(maps).all() and np.isfinite(scores).all()
-    # Linear layers only in int8. A one-epoch tiny model is a loose check (quantising the
-    # backbone as well gave 0.88 here): the map within 0.35 of its range, scores ranked alike.
-    assert _max_delta(maps, ref_maps) <= 0.35
-    assert np.corrcoef(scores, ref_scores)[0, 1] >= 0.9
+    max_delta, min_corr = INT8_BOUNDS[quantizer]
+    assert _max_delta(maps, ref_maps) <= max_delta
+    assert np.corrcoef(scores, ref_scores)[0, 1] >= min_corr
 
 
 def test_cli_export_and_errors(run_dir, tmp_path, capsys):
@@ -89,6 +97,7 @@ def test_cli_export_and_errors(run_dir, tmp_path, capsys):
     for argv, needle in [
         (["--out", str(tmp_path / "m.onnx")], "must end in .xml"),
         (["--out", str(tmp_path / "n.xml"), "--fp16"], "--fp16 does not apply"),
+        (["--out", str(tmp_path / "n.xml"), "--quantizer", "nncf"], "--quantizer applies to --format openvino --int8"),
     ]:
         capsys.readouterr()
         assert main(["export", "--run", str(run_dir), "--format", "openvino", *argv]) == 2
