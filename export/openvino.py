@@ -1,7 +1,8 @@
 """OpenVINO export of a trained run, for CPU production lines: IR (model.xml + model.bin) + sidecar.
 
     fastad export --run runs/bottle --format openvino --out bottle.xml
-    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 [--calibration DIR] [--quantizer nncf]
+    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 \
+                  [--calibration DIR] [--quantizer nncf]
 
 The graph is the ONNX export's (the same inputs, outputs and fp32 statistics, see export/onnx.py),
 converted with `openvino.convert_model`; weights stay fp32 in the file. Reduced precision:

@@ -177,5 +177,5 @@ def openvino_linear_layers(ov_model) -> tuple[list[str], list[str]]:
     return linear, other
 
 
-__all__ = ["calibration_images", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8", "openvino_linear_layers",
-           "CALIBRATION_IMAGES"]
+__all__ = ["calibration_images", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8",
+           "openvino_linear_layers", "CALIBRATION_IMAGES"]

@@ -1,5 +1,6 @@
-"""OpenVINO: `fastad export --format openvino` (fp32 IR; INT8 from onnxruntime's QDQ graph or NNCF) and the `openvino` backend
-(fp32, bf16 precision hint), each against the torch reference on the same inputs."""
+"""OpenVINO: `fastad export --format openvino` (fp32 IR; INT8 from onnxruntime's QDQ graph or NNCF)
+and the `openvino` backend (fp32, bf16 precision hint), each against the torch reference on the
+same inputs, and the IR's integrity check."""
 from __future__ import annotations
 
 import json
