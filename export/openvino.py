@@ -33,7 +33,7 @@ from fastad.errors import FastADError
 from fastad.sidecar import sidecar_path
 from fastad.utils import atomic_path
 
-from .quantize import calibration_images, openvino_linear_layers, quantization_record
+from .quantize import int8_check, normal_images, openvino_linear_layers, quantization_record
 
 
 def import_openvino():
@@ -42,6 +42,18 @@ def import_openvino():
     except ImportError:
         raise FastADError("OpenVINO is not installed: pip install openvino (and nncf for --int8)") from None
     return ov
+
+
+def openvino_runner(model):
+    """An ov.Model compiled for the CPU (fp32) as `batch -> (maps, scores)`, for `int8_check`."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def run(batch):
+        res = compiled(batch)
+        return res[compiled.output("anomaly_map")], res[compiled.output("score")]
+    return run
 
 
 def quantize_nncf(ov_model, images: np.ndarray, calibration=None):
@@ -86,8 +98,10 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         side = read_sidecar(onnx_path)
         model = ov.convert_model(str(onnx_path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
         if int8 and not qdq:
-            images = calibration_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
+            images, held_out = normal_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
+            fp32 = model.clone()
             model, side["quantization"] = quantize_nncf(model, images, calibration)
+            side["quantization"]["check"] = int8_check(openvino_runner(fp32), openvino_runner(model), held_out)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)
         side.update({

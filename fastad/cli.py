@@ -227,6 +227,11 @@ def cmd_export(args) -> int:
         side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
                              opt_batch=args.opt_batch, max_batch=args.max_batch,
                              timing_cache=args.timing_cache, keep_onnx=args.keep_onnx)
+    check = (side.get("quantization") or {}).get("check") or {}
+    if "score_rank_correlation" in check:
+        print(f"int8 against fp32 on {check['validation_images']} held-out normal images: max |Δ map| "
+              f"{check['max_rel_diff_map']:.3f} of the map range, image-score rank correlation "
+              f"{check['score_rank_correlation']:.3f}")
     print(f"exported {side['precision']} {args.format} in {time.perf_counter() - t0:.0f} s -> {args.out} "
           f"(+ {Path(args.out).name}.json)")
     return 0
