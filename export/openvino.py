@@ -23,6 +23,7 @@ Every file is written atomically: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -56,20 +57,45 @@ def openvino_runner(model):
     return run
 
 
-def quantize_nncf(ov_model, images: np.ndarray, calibration=None):
+def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibration=None):
     """NNCF post-training INT8 quantisation of the linear layers, calibrated on `images`
-    (n, 3, S, S), one per call. -> (the quantised model, its sidecar "quantization" entry)."""
+    (n, 3, S, S), one per call. With `held_out` normal images, under NNCF's accuracy control:
+    layers go back to float until the rank correlation of the held-out image scores with the fp32
+    model's stays within MAX_RANK_DROP of 1. -> (the quantised model, its sidecar "quantization"
+    entry)."""
     try:
         import nncf
     except ImportError:
         raise FastADError("--int8 needs NNCF: pip install nncf") from None
+    from scipy.stats import spearmanr
+
+    nncf.set_log_level(logging.ERROR)  # its per-step INFO lines and progress bars
     linear, other = openvino_linear_layers(ov_model)
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
-                          ignored_scope=nncf.IgnoredScope(names=other, validate=False))
-    return model, quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
+    options = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
+                   ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    record = quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
+    if len(held_out) < 4:  # too few to rank: plain post-training quantisation
+        return nncf.quantize(ov_model, dataset, **options), record
+    reference = openvino_runner(ov_model)(held_out)[1]
+
+    def rank_agreement(compiled, items) -> tuple[float, None]:
+        scores = np.concatenate([compiled(x)[compiled.output("score")] for x in items])
+        return float(spearmanr(reference, scores).statistic), None
+
+    validation = nncf.Dataset([held_out[i:i + 1] for i in range(len(held_out))])
+    model = nncf.quantize_with_accuracy_control(ov_model, dataset, validation, rank_agreement,
+                                                max_drop=MAX_RANK_DROP, drop_type=nncf.DropType.ABSOLUTE,
+                                                **options)
+    record["accuracy_control"] = {"metric": "rank correlation of held-out normal image scores with fp32",
+                                  "max_drop": MAX_RANK_DROP}
+    return model, record
+
+
+# NNCF accuracy control: the held-out normal images' score ranking may drop this much (Spearman).
+MAX_RANK_DROP = 0.01
 
 
 QUANTIZERS = ("onnxruntime", "nncf")
@@ -100,7 +126,7 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         if int8 and not qdq:
             images, held_out = normal_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
             fp32 = model.clone()
-            model, side["quantization"] = quantize_nncf(model, images, calibration)
+            model, side["quantization"] = quantize_nncf(model, images, held_out, calibration)
             side["quantization"]["check"] = int8_check(openvino_runner(fp32), openvino_runner(model), held_out)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)

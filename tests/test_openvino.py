@@ -142,3 +142,23 @@ def test_ir_integrity(ir_path, tmp_path):
         with pytest.raises(FastADError) as e:
             Predictor(path, device="cpu", warmup=False)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_nncf_accuracy_control(run_dir, demo_data, tmp_path):
+    """With held-out normal images, NNCF quantises under accuracy control: the held-out scores'
+    ranking against the fp32 model's may drop by MAX_RANK_DROP at most."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+
+    from fastad.export.onnx import export_onnx
+    from fastad.export.openvino import MAX_RANK_DROP, openvino_runner, quantize_nncf
+    from fastad.export.quantize import int8_check, normal_images
+
+    calibration, held_out = normal_images(run_dir, demo_data / "train" / "good", 128, 128, limit=4)
+    onnx_path = tmp_path / "fp32.onnx"
+    export_onnx(run_dir, onnx_path, check=False)
+    fp32 = ov.convert_model(str(onnx_path))
+    model, record = quantize_nncf(fp32.clone(), calibration, held_out)
+    assert record["accuracy_control"]["max_drop"] == MAX_RANK_DROP
+    check = int8_check(openvino_runner(fp32), openvino_runner(model), held_out)
+    assert check["score_rank_correlation"] >= 1 - MAX_RANK_DROP
