@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="--int8: folder of normal images (default: the run's training data)")
     p.add_argument("--quantizer", default="onnxruntime", choices=["onnxruntime", "nncf"],
                    help="openvino --int8: convert onnxruntime's QDQ graph (default, as --format onnx --int8) or "
-                        "quantise the IR with NNCF")
+                        "quantise the IR with NNCF (under accuracy control on held-out normal images)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")
