@@ -67,6 +67,8 @@ def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibratio
         import nncf
     except ImportError:
         raise FastADError("--int8 needs NNCF: pip install nncf") from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
     from scipy.stats import spearmanr
 
     nncf.set_log_level(logging.ERROR)  # its per-step INFO lines and progress bars
@@ -74,12 +76,19 @@ def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibratio
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
+    # Activation ranges from the whole calibration set's min/max, as onnxruntime's: the default
+    # (mean of per-image ranges) clips the large activations of defects. No SmoothQuant: it
+    # rescales the activations the float σ heads also read.
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
     options = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
                    ignored_scope=nncf.IgnoredScope(names=other, validate=False))
     record = quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
     if len(held_out) < 4:  # too few to rank: plain post-training quantisation
-        return nncf.quantize(ov_model, dataset, **options), record
-    reference = openvino_runner(ov_model)(held_out)[1]
+        return nncf.quantize(ov_model, dataset, advanced_parameters=advanced, **options), record
+    run_fp32 = openvino_runner(ov_model)
+    reference = np.concatenate([run_fp32(held_out[i:i + 8])[1] for i in range(0, len(held_out), 8)])
 
     def rank_agreement(compiled, items) -> tuple[float, None]:
         scores = np.concatenate([compiled(x)[compiled.output("score")] for x in items])
@@ -88,7 +97,7 @@ def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibratio
     validation = nncf.Dataset([held_out[i:i + 1] for i in range(len(held_out))])
     model = nncf.quantize_with_accuracy_control(ov_model, dataset, validation, rank_agreement,
                                                 max_drop=MAX_RANK_DROP, drop_type=nncf.DropType.ABSOLUTE,
-                                                **options)
+                                                advanced_quantization_parameters=advanced, **options)
     record["accuracy_control"] = {"metric": "rank correlation of held-out normal image scores with fp32",
                                   "max_drop": MAX_RANK_DROP}
     return model, record

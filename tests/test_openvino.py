@@ -71,8 +71,9 @@ def test_bf16_hint_stays_close(ir_path, reference):
 
 # quantizer -> (max |Δ map| / range, score correlation) bounds on this one-epoch tiny model.
 # Linear layers only in int8 (quantising the backbone as well gave 0.88 of the range here).
-# onnxruntime's QDQ graph converted: 0.036, the σ heads reading float input; NNCF: 0.26-0.38.
-INT8_BOUNDS = {"onnxruntime": (0.06, 0.98), "nncf": (0.35, 0.9)}
+# onnxruntime's QDQ graph converted: 0.036, the σ heads reading float input; NNCF: 0.135 (0.25
+# with its default activation ranges and SmoothQuant).
+INT8_BOUNDS = {"onnxruntime": (0.06, 0.98), "nncf": (0.2, 0.95)}
 
 
 @pytest.mark.parametrize("quantizer", sorted(INT8_BOUNDS))
