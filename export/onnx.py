@@ -115,7 +115,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
     from fastad.run import load_model
 
     from .check import check_onnx
-    from .quantize import calibration_images, quantize_onnx_int8
+    from .quantize import int8_check, normal_images, onnx_runner, quantize_onnx_int8
 
     out = Path(out)
     if out.suffix != ".onnx":
@@ -143,11 +143,12 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, fp16: boo
                               opset_version=opset, do_constant_folding=True, dynamo=False)
         extra = {}
         if int8:
-            images = calibration_images(run_dir, calibration, model.cfg.resize, crop)
+            images, held_out = normal_images(run_dir, calibration, model.cfg.resize, crop)
             with tempfile.TemporaryDirectory(prefix="fastad-int8-") as tmp:
                 fp32 = Path(tmp) / "fp32.onnx"
                 os.replace(tmp_onnx, fp32)
                 extra["quantization"] = quantize_onnx_int8(fp32, tmp_onnx, images, calibration)
+                extra["quantization"]["check"] = int8_check(onnx_runner(fp32), onnx_runner(tmp_onnx), held_out)
         proto = onnx.load(str(tmp_onnx))
         onnx.checker.check_model(proto, full_check=True)
         report = check_onnx(proto, batch=check_batch) if check else None

@@ -1,7 +1,8 @@
 """OpenVINO export of a trained run, for CPU production lines: IR (model.xml + model.bin) + sidecar.
 
     fastad export --run runs/bottle --format openvino --out bottle.xml
-    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 [--calibration DIR] [--quantizer nncf]
+    fastad export --run runs/bottle --format openvino --out bottle-int8.xml --int8 \
+                  [--calibration DIR] [--quantizer nncf]
 
 The graph is the ONNX export's (the same inputs, outputs and fp32 statistics, see export/onnx.py),
 converted with `openvino.convert_model`; weights stay fp32 in the file. Reduced precision:
@@ -22,6 +23,7 @@ Every file is written atomically: a failed export leaves nothing behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -32,7 +34,7 @@ from fastad.errors import FastADError
 from fastad.sidecar import sidecar_path
 from fastad.utils import atomic_path
 
-from .quantize import calibration_images, openvino_linear_layers, quantization_record
+from .quantize import int8_check, normal_images, openvino_linear_layers, quantization_record
 
 
 def import_openvino():
@@ -43,20 +45,66 @@ def import_openvino():
     return ov
 
 
-def quantize_nncf(ov_model, images: np.ndarray, calibration=None):
+def openvino_runner(model):
+    """An ov.Model compiled for the CPU (fp32) as `batch -> (maps, scores)`, for `int8_check`."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def run(batch):
+        res = compiled(batch)
+        return res[compiled.output("anomaly_map")], res[compiled.output("score")]
+    return run
+
+
+def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibration=None):
     """NNCF post-training INT8 quantisation of the linear layers, calibrated on `images`
-    (n, 3, S, S), one per call. -> (the quantised model, its sidecar "quantization" entry)."""
+    (n, 3, S, S), one per call. With `held_out` normal images, under NNCF's accuracy control:
+    layers go back to float until the rank correlation of the held-out image scores with the fp32
+    model's stays within MAX_RANK_DROP of 1. -> (the quantised model, its sidecar "quantization"
+    entry)."""
     try:
         import nncf
     except ImportError:
         raise FastADError("--int8 needs NNCF: pip install nncf") from None
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+    from scipy.stats import spearmanr
+
+    nncf.set_log_level(logging.ERROR)  # its per-step INFO lines and progress bars
     linear, other = openvino_linear_layers(ov_model)
     if not linear:
         raise FastADError("--int8: the model has no linear layers to quantise")
     dataset = nncf.Dataset([images[i:i + 1] for i in range(len(images))])
-    model = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
-                          ignored_scope=nncf.IgnoredScope(names=other, validate=False))
-    return model, quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
+    # Activation ranges from the whole calibration set's min/max, as onnxruntime's: the default
+    # (mean of per-image ranges) clips the large activations of defects. No SmoothQuant: it
+    # rescales the activations the float σ heads also read.
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+    options = dict(model_type=nncf.ModelType.TRANSFORMER, subset_size=len(images),
+                   ignored_scope=nncf.IgnoredScope(names=other, validate=False))
+    record = quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
+    if len(held_out) < 4:  # too few to rank: plain post-training quantisation
+        return nncf.quantize(ov_model, dataset, advanced_parameters=advanced, **options), record
+    run_fp32 = openvino_runner(ov_model)
+    reference = np.concatenate([run_fp32(held_out[i:i + 8])[1] for i in range(0, len(held_out), 8)])
+
+    def rank_agreement(compiled, items) -> tuple[float, None]:
+        scores = np.concatenate([compiled(x)[compiled.output("score")] for x in items])
+        return float(spearmanr(reference, scores).statistic), None
+
+    validation = nncf.Dataset([held_out[i:i + 1] for i in range(len(held_out))])
+    model = nncf.quantize_with_accuracy_control(ov_model, dataset, validation, rank_agreement,
+                                                max_drop=MAX_RANK_DROP, drop_type=nncf.DropType.ABSOLUTE,
+                                                advanced_quantization_parameters=advanced, **options)
+    record["accuracy_control"] = {"metric": "rank correlation of held-out normal image scores with fp32",
+                                  "max_drop": MAX_RANK_DROP}
+    return model, record
+
+
+# NNCF accuracy control: the held-out normal images' score ranking may drop this much (Spearman).
+MAX_RANK_DROP = 0.01
 
 
 QUANTIZERS = ("onnxruntime", "nncf")
@@ -85,8 +133,10 @@ def export_openvino(run_dir: str | os.PathLike, out: str | os.PathLike, *, int8:
         side = read_sidecar(onnx_path)
         model = ov.convert_model(str(onnx_path))  # QuantizeLinear/DequantizeLinear -> FakeQuantize
         if int8 and not qdq:
-            images = calibration_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
-            model, side["quantization"] = quantize_nncf(model, images, calibration)
+            images, held_out = normal_images(run_dir, calibration, side["input"]["resize"], side["input"]["crop"])
+            fp32 = model.clone()
+            model, side["quantization"] = quantize_nncf(model, images, held_out, calibration)
+            side["quantization"]["check"] = int8_check(openvino_runner(fp32), openvino_runner(model), held_out)
         ir = Path(tmp) / "model.xml"
         ov.save_model(model, str(ir), compress_to_fp16=False)
         side.update({

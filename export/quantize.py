@@ -3,7 +3,9 @@ it and which layers are int8.
 
 Calibration images: up to CALIBRATION_IMAGES normal images, preprocessed exactly as at inference
 (`fastad.preprocess.prepare_images`), spread over the run's training data or over a folder the user
-names (`--calibration DIR`).
+names (`--calibration DIR`). Up to VALIDATION_IMAGES of the other normal images check the int8
+graph against the fp32 one (max |Δ map| / range, rank correlation of the image scores); the
+sidecar records the result.
 
 Int8 layers: the linear layers only — every matrix product of an activation by a 2-D constant
 weight — except those feeding a Sigmoid within a few elementwise/layout steps: FOD's σ heads,
@@ -29,6 +31,7 @@ import numpy as np
 from fastad.errors import FastADError
 
 CALIBRATION_IMAGES = 64
+VALIDATION_IMAGES = 32
 CALIBRATION_BATCH = 8
 
 # Operations a σ head's product passes through on its way to the Sigmoid (bias, scale, head split),
@@ -37,10 +40,11 @@ _PASS_THROUGH = {"Add", "Mul", "Multiply", "Reshape", "Transpose"}
 _SIGMA_DEPTH = 6
 
 
-def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: int, crop: int,
-                       limit: int = CALIBRATION_IMAGES) -> np.ndarray:
-    """Up to `limit` normal images as float32 (n, 3, S, S): from `calibration` (a folder of images,
-    or a dataset root with a train split), else from the run's recorded training data."""
+def normal_images(run_dir, calibration: str | os.PathLike | None, resize: int, crop: int,
+                  limit: int = CALIBRATION_IMAGES, held_out: int = VALIDATION_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """-> (up to `limit` calibration images, up to `held_out` other normal images for the int8
+    check; possibly none), float32 (n, 3, S, S): from `calibration` (a folder of images, or a
+    dataset root with a train split), else from the run's recorded training data."""
     from fastad.data.layouts import _images_in, list_samples
     from fastad.preprocess import prepare_images
     from fastad.run import read_run_config
@@ -61,12 +65,33 @@ def calibration_images(run_dir, calibration: str | os.PathLike | None, resize: i
             paths = [s.path for s in list_samples(root, "train")]
     if not paths:
         raise FastADError("no calibration images found")
-    step = max(1, len(paths) // limit)  # spread over the set, not its first files
-    return prepare_images(paths[::step][:limit], resize, crop).numpy()
+    chosen = paths[::max(1, len(paths) // limit)][:limit]  # spread over the set, not its first files
+    rest = [p for p in paths if p not in set(chosen)]
+    held = rest[::max(1, len(rest) // held_out)][:held_out]
+    empty = np.zeros((0, 3, crop, crop), np.float32)
+    return prepare_images(chosen, resize, crop).numpy(), prepare_images(held, resize, crop).numpy() if held else empty
+
+
+def int8_check(run_fp32, run_int8, images: np.ndarray) -> dict:
+    """The int8 graph against the fp32 one on held-out normal images; `run_*(batch) -> (maps,
+    scores)`. -> max |Δ map| / map range and the rank correlation of the image scores."""
+    from scipy.stats import spearmanr
+
+    if len(images) < 2:
+        return {"validation_images": int(len(images))}
+    outs = {}
+    for name, run in (("fp32", run_fp32), ("int8", run_int8)):
+        chunks = [run(images[i:i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
+        outs[name] = np.concatenate([m for m, _ in chunks]), np.concatenate([s for _, s in chunks])
+    (ref_maps, ref_scores), (maps, scores) = outs["fp32"], outs["int8"]
+    return {"validation_images": int(len(images)),
+            "max_rel_diff_map": float(np.abs(maps - ref_maps).max() / ((ref_maps.max() - ref_maps.min()) or 1.0)),
+            "score_rank_correlation": float(spearmanr(ref_scores, scores).statistic)}
 
 
 def quantization_record(tool: str, layers: list[str], images: np.ndarray, calibration) -> dict:
-    """The sidecar's "quantization" entry: what was quantised, with what, calibrated on what."""
+    """The sidecar's "quantization" entry: what was quantised, with what, calibrated on what
+    (the caller adds "check": `int8_check`'s result)."""
     return {"tool": tool, "int8_layers": len(layers), "calibration_images": int(len(images)),
             "calibration": str(calibration) if calibration else "the run's training data"}
 
@@ -146,6 +171,15 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike, images: n
     return quantization_record(f"onnxruntime {onnxruntime.__version__} (QDQ)", linear, images, calibration)
 
 
+def onnx_runner(path: str | os.PathLike):
+    """An onnxruntime CPU session on `path` as `batch -> (maps, scores)`, for `int8_check`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: tuple(session.run(["anomaly_map", "score"], {name: batch}))
+
+
 # --------------------------------------------------------------------------------------------
 # OpenVINO (NNCF)
 # --------------------------------------------------------------------------------------------
@@ -177,5 +211,5 @@ def openvino_linear_layers(ov_model) -> tuple[list[str], list[str]]:
     return linear, other
 
 
-__all__ = ["calibration_images", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8", "openvino_linear_layers",
-           "CALIBRATION_IMAGES"]
+__all__ = ["normal_images", "int8_check", "onnx_runner", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8",
+           "openvino_linear_layers", "CALIBRATION_IMAGES"]

@@ -227,6 +227,11 @@ def cmd_export(args) -> int:
         side = export_engine(args.run, args.out, fp16=args.fp16, min_batch=args.min_batch,
                              opt_batch=args.opt_batch, max_batch=args.max_batch,
                              timing_cache=args.timing_cache, keep_onnx=args.keep_onnx)
+    check = (side.get("quantization") or {}).get("check") or {}
+    if "score_rank_correlation" in check:
+        print(f"int8 against fp32 on {check['validation_images']} held-out normal images: max |Δ map| "
+              f"{check['max_rel_diff_map']:.3f} of the map range, image-score rank correlation "
+              f"{check['score_rank_correlation']:.3f}")
     print(f"exported {side['precision']} {args.format} in {time.perf_counter() - t0:.0f} s -> {args.out} "
           f"(+ {Path(args.out).name}.json)")
     return 0
@@ -441,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="--int8: folder of normal images (default: the run's training data)")
     p.add_argument("--quantizer", default="onnxruntime", choices=["onnxruntime", "nncf"],
                    help="openvino --int8: convert onnxruntime's QDQ graph (default, as --format onnx --int8) or "
-                        "quantise the IR with NNCF")
+                        "quantise the IR with NNCF (under accuracy control on held-out normal images)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights/activations (statistics stay fp32)")
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (17..20, default 17)")
     p.add_argument("--min-batch", type=_positive_int, default=1, help="engine profile: minimum batch")

@@ -119,3 +119,18 @@ def test_backend_names():
     assert backend_label("onnx", "fp32") == "onnx" and backend_label("onnx", "int8") == "onnx:int8"
     with pytest.raises(FastADError, match="torch runs at fp32, fp16, bf16"):
         parse_backend("torch:int8")
+
+
+def test_int8_check_on_held_out_images(run_dir, demo_data, int8_onnx):
+    """The export's int8 check: normal images left out of the calibration, the int8 graph against
+    the fp32 model on them (here the torch reference stands for the fp32 graph)."""
+    from fastad.export.quantize import int8_check, normal_images, onnx_runner
+
+    calibration, held_out = normal_images(run_dir, demo_data / "train" / "good", 128, 128, limit=4)
+    assert len(calibration) == 4 and len(held_out) == 4
+    assert not any((held_out[i] == calibration[j]).all() for i in range(4) for j in range(4))
+    reference = Predictor(run_dir, backend="torch", device="cpu").scores_and_maps
+    check = int8_check(reference, onnx_runner(int8_onnx), held_out)
+    assert check["validation_images"] == 4 and check["max_rel_diff_map"] <= 0.06
+    assert -1.0 <= check["score_rank_correlation"] <= 1.0
+    assert read_sidecar(int8_onnx)["quantization"]["check"] == {"validation_images": 0}  # all 8 calibrate
