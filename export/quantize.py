@@ -16,9 +16,10 @@ all. Everything else stays floating point: the backbone's convolutions (quantisi
 tiny run's map by most of its range), the attention products, the correlation statistics
 (softmax, RBF target, KL) and the blur.
 
+    images, held_out = normal_images(run_dir, calibration, resize, crop)
     quantize_onnx_int8(fp32.onnx, int8.onnx, images)   # onnxruntime, QDQ (export/onnx.py)
     openvino_linear_layers(ov_model)                    # names for NNCF (export/openvino.py)
-    quantization_record(...)                            # the sidecar's "quantization" entry
+    int8_check(run_fp32, run_int8, held_out)            # the sidecar's quantization.check
 """
 from __future__ import annotations
 
