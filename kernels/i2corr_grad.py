@@ -153,6 +153,19 @@ if triton is not None:
         return lse2, z2, g_s, g_e, delta
 
     @triton.jit
+    def _query_tiles(Q, DO, b, h, offs_m, offs_d, q_mask, sqb, sqh, sqn, sqd, sdb, sdh, sdn, sdd,
+                     UPCAST: tl.constexpr):
+        """The q and dL/d(out) tiles of query rows offs_m (both backward kernels read them alike)."""
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdn + offs_d[None, :] * sdd,
+                     mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        return q, do
+
+    @triton.jit
     def _i2corr_bwd_dkdv_kernel(
         Q, K, V, Sigma, DO, Rows, DK, DV, row_stride,
         sqb, sqh, sqn, sqd,
@@ -189,13 +202,8 @@ if triton is not None:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                        mask=q_mask, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdn + offs_d[None, :] * sdd,
-                         mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q, do = _query_tiles(Q, DO, b, h, offs_m, offs_d, q_mask, sqb, sqh, sqn, sqd,
+                                 sdb, sdh, sdn, sdd, UPCAST)
             lse2, z2, g_s, g_e, delta = _load_rows(Rows, row_stride, pid_bh.to(tl.int64) * N + offs_m, row_ok)
             a0, a1, r_i, c_i = _row_target_terms(Sigma, b * ssb + h * ssh + offs_m.to(tl.int64) * ssn, ssc,
                                                  row_ok, offs_m, GRID_W)
@@ -234,13 +242,8 @@ if triton is not None:
         row_ok = offs_m < N
         d_ok = offs_d < HEAD_DIM
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None].to(tl.int64) * sdn + offs_d[None, :] * sdd,
-                     mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q, do = _query_tiles(Q, DO, b, h, offs_m, offs_d, q_mask, sqb, sqh, sqn, sqd,
+                             sdb, sdh, sdn, sdd, UPCAST)
         lse2, z2, g_s, g_e, delta = _load_rows(Rows, row_stride, pid_bh.to(tl.int64) * N + offs_m, row_ok)
         a0, a1, r_i, c_i = _row_target_terms(Sigma, b * ssb + h * ssh + offs_m.to(tl.int64) * ssn, ssc,
                                              row_ok, offs_m, GRID_W)
