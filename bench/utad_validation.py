@@ -13,6 +13,7 @@ KL and MI terms from the training history. A diagnostic for choosing defaults; n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from fastad.data.layouts import list_samples
 from fastad.metrics import image_auroc, pixel_auroc
-from fastad.models.utad import UTADConfig, map_score
+from fastad.models.utad import UTADConfig, map_score, pm_pair_map
 from fastad.preprocess import image_to_tensor, load_image
 from fastad.data.synthetic import synthesise
 from fastad.run import load_model
@@ -53,6 +54,40 @@ def validation_set(held: list[str], resize: int, crop: int) -> tuple[torch.Tenso
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), len(clean)
 
 
+@torch.no_grad()
+def term_maps(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) -> (B, pairs, levels, S, S): each (pair, level) PM term as the model sums it
+    (upsampled, divided by its pm_scale), unblurred."""
+    cfg = model.cfg
+    s, size = cfg.size, (cfg.crop, cfg.crop)
+    grids = [(s // st, s // st) for st in cfg.pm_strides]
+    out = []
+    for i in range(0, len(images), 8):
+        st = model.stages(model.to_internal(images[i:i + 8]))
+        bsz = st["image"].shape[0]
+        out.append(torch.stack([torch.stack([
+            pm_pair_map([lv], [g], size, [(1.0 / model.pm_scale[p, j]).expand(bsz, g[0] * g[1])], model.impl)
+            for j, (lv, g) in enumerate(zip(levels, grids))], 1)
+            for p, levels in enumerate(model.pm_features(st))], 1))
+    return torch.cat(out)
+
+
+def print_terms(model, images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray) -> None:
+    """Pixel / image AUROC of every pair and level subset of the map (same blur and score)."""
+    terms = term_maps(model, images)
+    n_pairs, n_levels = terms.shape[1], terms.shape[2]
+    names = [f"{a}~{b}" for a, b in model.PAIRS]
+    for pairs in [[0], [1], [0, 1]]:
+        for k in range(1, n_levels + 1):
+            for levels in itertools.combinations(range(n_levels), k):
+                amap = model.blur(terms[:, pairs][:, :, list(levels)].sum((1, 2)))
+                pix = pixel_auroc(masks.numpy() > 0.5, amap.numpy())
+                img = image_auroc(labels, model.image_score(amap).numpy())
+                strides = "/".join(str(model.cfg.pm_strides[j]) for j in levels)
+                print(f"  terms {'+'.join(names[p] for p in pairs):45s} strides {strides:8s} "
+                      f"pixel AUROC {pix:.4f}  image AUROC {img:.4f}")
+
+
 def parse_value(text: str):
     try:
         return json.loads(text)
@@ -67,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--set", action="append", default=[], help="config override FIELD=JSON (repeatable)")
     p.add_argument("--name", default="run")
+    p.add_argument("--terms", action="store_true", help="also score every pair and level subset of the map")
     args = p.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -93,6 +129,8 @@ def main(argv=None) -> int:
                                 np.r_[s[:n_clean], s[n_clean * (k + 1):n_clean * (k + 2)]]) for k in range(3)]
         print(f"  score {score:12s} image AUROC {image_auroc(labels, s):.4f}  "
               f"(perlin {per_kind[0]:.3f} cutpaste {per_kind[1]:.3f} confetti {per_kind[2]:.3f})")
+    if args.terms:
+        print_terms(model, images, masks, labels)
     for h in conf["training"]["history"]:
         keys = [k for k in ("rec", "kl", "mi_local", "mi_global", "gan", "critic", "recon", "naive", "content")
                 if k in h]
