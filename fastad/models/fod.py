@@ -71,6 +71,9 @@ Deliberate deviations (each is tested or numerically identical):
    level (measured on bottle with EfficientNet-Lite0: level-1 scores 30× level-0's; image/pixel
    AUROC 0.9937/0.9547 with the mean vs 0.9992/0.9741 with the geometric mean, same weights).
    The product is scale-free; the authors' code keeps it as a commented-out alternative.
+   With the default inter weight `global` (deviation 4) that 1/N_l scale is gone; re-scored on
+   the three PIPED validation sets the arithmetic mean is mixed (pixel AUROC +0.0000 / +0.0002 /
+   −0.0007, AUPRO +0.013 / +0.014 / −0.005 for BDP / FLR / ZPB), so the geometric mean stays.
 10. Hypercolumn tokens (`hypercolumn=True`, default): each level's tokens are its own smoothed
    backbone stage concatenated with the smoothed stage at half its stride, 2×2-average-pooled
    onto the level's grid (stride 8: 40 + 24 channels, stride 16: 112 + 40 for EfficientNet-Lite0).
