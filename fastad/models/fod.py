@@ -380,7 +380,7 @@ def inter_weight(div: torch.Tensor, how: str) -> torch.Tensor | None:
         weight = torch.softmax(-div, dim=-1)
         return weight.amax(dim=-1, keepdim=True) - weight
     if how == "global":
-        return -torch.expm1(-div)
+        return 1.0 - torch.exp(-div)  # not expm1: ONNX has no such operator
     return None
 
 
