@@ -23,7 +23,7 @@ import torch
 
 from fastad.data.layouts import list_samples
 from fastad.metrics import image_auroc, pixel_auroc
-from fastad.models.utad import UTADConfig, map_score, pm_pair_map
+from fastad.models.utad import UTADConfig, map_score
 from fastad.preprocess import image_to_tensor, load_image
 from fastad.data.synthetic import synthesise
 from fastad.run import load_model
@@ -58,18 +58,8 @@ def validation_set(held: list[str], resize: int, crop: int) -> tuple[torch.Tenso
 def term_maps(model, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) -> (B, pairs, levels, S, S): each (pair, level) PM term as the model sums it
     (upsampled, divided by its pm_scale), unblurred."""
-    cfg = model.cfg
-    s, size = cfg.size, (cfg.crop, cfg.crop)
-    grids = [(s // st, s // st) for st in cfg.pm_strides]
-    out = []
-    for i in range(0, len(images), 8):
-        st = model.stages(model.to_internal(images[i:i + 8]))
-        bsz = st["image"].shape[0]
-        out.append(torch.stack([torch.stack([
-            pm_pair_map([lv], [g], size, [(1.0 / model.pm_scale[p, j]).expand(bsz, g[0] * g[1])], model.impl)
-            for j, (lv, g) in enumerate(zip(levels, grids))], 1)
-            for p, levels in enumerate(model.pm_features(st))], 1))
-    return torch.cat(out)
+    return torch.cat([model.pm_terms(model.stages(model.to_internal(images[i:i + 8])), per_level=True)
+                      for i in range(0, len(images), 8)])
 
 
 def print_terms(model, images: torch.Tensor, masks: torch.Tensor, labels: np.ndarray) -> None:

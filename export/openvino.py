@@ -34,7 +34,7 @@ from fastad.errors import FastADError
 from fastad.sidecar import sidecar_path
 from fastad.utils import atomic_path
 
-from .quantize import int8_check, normal_images, openvino_linear_layers, quantization_record
+from .quantize import int8_check, normal_images, openvino_linear_layers, quantization_record, run_batched
 
 
 def import_openvino():
@@ -88,8 +88,7 @@ def quantize_nncf(ov_model, images: np.ndarray, held_out: np.ndarray, calibratio
     record = quantization_record(f"nncf {nncf.__version__}", linear, images, calibration)
     if len(held_out) < 4:  # too few to rank: plain post-training quantisation
         return nncf.quantize(ov_model, dataset, advanced_parameters=advanced, **options), record
-    run_fp32 = openvino_runner(ov_model)
-    reference = np.concatenate([run_fp32(held_out[i:i + 8])[1] for i in range(0, len(held_out), 8)])
+    reference = run_batched(openvino_runner(ov_model), held_out)[1]
 
     def rank_agreement(compiled, items) -> tuple[float, None]:
         scores = np.concatenate([compiled(x)[compiled.output("score")] for x in items])

@@ -73,6 +73,12 @@ def normal_images(run_dir, calibration: str | os.PathLike | None, resize: int, c
     return prepare_images(chosen, resize, crop).numpy(), prepare_images(held, resize, crop).numpy() if held else empty
 
 
+def run_batched(run, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`run(batch) -> (maps, scores)` over `images` in CALIBRATION_BATCH chunks, concatenated."""
+    chunks = [run(images[i:i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
+    return np.concatenate([m for m, _ in chunks]), np.concatenate([s for _, s in chunks])
+
+
 def int8_check(run_fp32, run_int8, images: np.ndarray) -> dict:
     """The int8 graph against the fp32 one on held-out normal images; `run_*(batch) -> (maps,
     scores)`. -> max |Δ map| / map range and the rank correlation of the image scores."""
@@ -80,11 +86,7 @@ def int8_check(run_fp32, run_int8, images: np.ndarray) -> dict:
 
     if len(images) < 2:
         return {"validation_images": int(len(images))}
-    outs = {}
-    for name, run in (("fp32", run_fp32), ("int8", run_int8)):
-        chunks = [run(images[i:i + CALIBRATION_BATCH]) for i in range(0, len(images), CALIBRATION_BATCH)]
-        outs[name] = np.concatenate([m for m, _ in chunks]), np.concatenate([s for _, s in chunks])
-    (ref_maps, ref_scores), (maps, scores) = outs["fp32"], outs["int8"]
+    (ref_maps, ref_scores), (maps, scores) = run_batched(run_fp32, images), run_batched(run_int8, images)
     return {"validation_images": int(len(images)),
             "max_rel_diff_map": float(np.abs(maps - ref_maps).max() / ((ref_maps.max() - ref_maps.min()) or 1.0)),
             "score_rank_correlation": float(spearmanr(ref_scores, scores).statistic)}
@@ -212,5 +214,5 @@ def openvino_linear_layers(ov_model) -> tuple[list[str], list[str]]:
     return linear, other
 
 
-__all__ = ["normal_images", "int8_check", "onnx_runner", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8",
+__all__ = ["normal_images", "int8_check", "run_batched", "onnx_runner", "quantization_record", "onnx_linear_layers", "quantize_onnx_int8",
            "openvino_linear_layers", "CALIBRATION_IMAGES"]

@@ -548,14 +548,20 @@ class ExpertCritics(nn.Module):
 # Perceptual measurement of one pair
 # --------------------------------------------------------------------------------------------
 def pm_pair_map(levels: list[tuple[torch.Tensor, torch.Tensor]], grids: list[tuple[int, int]],
-                size: tuple[int, int], weights: list[torch.Tensor], impl: str) -> torch.Tensor:
-    """Σ_l upsample(weight_l · distance_l) -> (B, H, W). levels: [(f_a, f_b)] each (B, N_l, C_l)
-    on grid_l; weights: (B, N_l) each; bilinear upsampling with align_corners=True."""
-    total = None
+                size: tuple[int, int], weights: list[torch.Tensor], impl: str,
+                per_level: bool = False) -> torch.Tensor:
+    """Σ_l upsample(weight_l · distance_l) -> (B, H, W), or with `per_level` the terms unsummed
+    (B, L, H, W). levels: [(f_a, f_b)] each (B, N_l, C_l) on grid_l; weights: (B, N_l) each;
+    bilinear upsampling with align_corners=True."""
+    ups = []
     for (fa, fb), grid, w in zip(levels, grids, weights):
         d = ops.feature_distance(fa, fb, kind="mse_cos", weight=w, impl=impl)
-        up = F.interpolate(d.view(d.shape[0], 1, *grid), size=size, mode="bilinear", align_corners=True)[:, 0]
-        total = up if total is None else total + up
+        ups.append(F.interpolate(d.view(d.shape[0], 1, *grid), size=size, mode="bilinear", align_corners=True)[:, 0])
+    if per_level:
+        return torch.stack(ups, 1)
+    total = ups[0]
+    for up in ups[1:]:
+        total = total + up
     return total
 
 
@@ -616,15 +622,16 @@ class UTAD(nn.Module):
         tok = [[f[i * bsz:(i + 1) * bsz].flatten(2).transpose(1, 2) for f in feats] for i in range(4)]
         return [list(zip(tok[2 * p], tok[2 * p + 1])) for p in range(2)]
 
-    def pm_terms(self, st: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per pair: Σ_levels upsample(distance_l) / pm_scale[pair, l] -> (B, 2, S, S)."""
+    def pm_terms(self, st: dict[str, torch.Tensor], per_level: bool = False) -> torch.Tensor:
+        """Per pair: Σ_levels upsample(distance_l) / pm_scale[pair, l] -> (B, 2, S, S); with
+        `per_level` each level's term unsummed -> (B, 2, L, S, S)."""
         s, size = self.cfg.size, (self.cfg.crop, self.cfg.crop)
         grids = [(s // st_, s // st_) for st_ in self.cfg.pm_strides]
         bsz = st["image"].shape[0]
         out = []
         for p, levels in enumerate(self.pm_features(st)):
             weights = [(1.0 / self.pm_scale[p, i]).expand(bsz, g[0] * g[1]) for i, g in enumerate(grids)]
-            out.append(pm_pair_map(levels, grids, size, weights, self.impl))
+            out.append(pm_pair_map(levels, grids, size, weights, self.impl, per_level))
         return torch.stack(out, 1)
 
     @torch.no_grad()
